@@ -1,0 +1,168 @@
+"""D-Bus benchmarks: Snapshot delivery at 1000 regions, Get latency under load.
+
+Everything is real: a private dbus-daemon, the daemon from this tree, dbus-fast
+clients, `sleep` processes as targets. References in the same run: Get latency
+with no kdamond running, and the aggregation rate the daemon was asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
+
+ROOT = "/org/damond1"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@asynccontextmanager
+async def _daemon() -> AsyncIterator[MessageBus]:
+    with start_private_bus() as bus, tempfile.TemporaryDirectory() as tmp:
+        client = await MessageBus(bus_address=bus.address).connect()
+        daemon = spawn_daemon(bus.address, Path(tmp) / "damond.log")
+        try:
+            await wait_for_name(client, "org.damond1", 15)
+            yield client
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=10)
+            client.disconnect()
+
+
+async def _call(client: MessageBus, path: str, member: str, sig: str, body: list[Any]) -> Any:
+    reply = await client.call(
+        Message(
+            destination="org.damond1",
+            path=path,
+            interface="org.freedesktop.DBus.Properties",
+            member=member,
+            signature=sig,
+            body=body,
+        )
+    )
+    assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, reply
+    return reply.body
+
+
+async def _set(client: MessageBus, path: str, iface: str, name: str, sig: str, v: Any) -> None:
+    await _call(client, path, "Set", "ssv", [iface, name, Variant(sig, v)])
+
+
+async def _start_kdamonds(
+    client: MessageBus, pids: list[int], sample_us: int, aggr_us: int, nr_regions: int
+) -> None:
+    await _set(client, ROOT, "org.damond1.Kdamonds", "nr", "u", len(pids))
+    for k, pid in enumerate(pids):
+        kd = f"{ROOT}/kdamonds/{k}"
+        ctx = f"{kd}/contexts/0"
+        await _set(client, kd, "org.damond1.Contexts", "nr", "u", 1)
+        await _set(client, ctx, "org.damond1.Targets", "nr", "u", 1)
+        await _set(client, f"{ctx}/targets/0", "org.damond1.Target", "pid", "i", pid)
+        await _set(client, ctx, "org.damond1.Intervals", "sample_us", "t", sample_us)
+        await _set(client, ctx, "org.damond1.Intervals", "aggr_us", "t", aggr_us)
+        await _set(client, ctx, "org.damond1.NrRegions", "max", "t", nr_regions)
+        await _set(client, ctx, "org.damond1.NrRegions", "min", "t", nr_regions)
+        await _set(client, kd, "org.damond1.Kdamond", "state", "s", "on")
+
+
+async def _get_latencies(client: MessageBus, n: int) -> list[float]:
+    latencies = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await _call(client, ROOT, "Get", "ss", ["org.damond1.Kdamonds", "nr"])
+        latencies.append((time.perf_counter() - t0) * 1e6)
+    return latencies
+
+
+async def snapshot_delivery(seconds: float = 5.0, aggr_us: int = 10_000) -> dict[str, Any]:
+    """Snapshots of 1000 regions as fast as asked: received rate, latency, seq gaps."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        async with _daemon() as client:
+            received: list[tuple[int, float, int]] = []
+
+            def on_signal(msg: Message) -> None:
+                if msg.member == "Snapshot":
+                    received.append(
+                        (msg.body[0], time.time() * 1e6 - msg.body[1], len(msg.body[3][0][2]))
+                    )
+
+            await client.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=["type='signal',interface='org.damond1.Context',member='Snapshot'"],
+                )
+            )
+            client.add_message_handler(on_signal)
+            await _start_kdamonds(client, [sleeper.pid], 1000, aggr_us, 1000)
+            await asyncio.sleep(1.0)  # warm up: regions settle, first snapshots out
+            received.clear()
+            await asyncio.sleep(seconds)
+            got = list(received)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    seqs = [s for s, _, _ in got]
+    gaps = sum(b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False))
+    latencies = [lat for _, lat, _ in got]
+    return {
+        "asked_per_s": 1e6 / aggr_us,
+        "received_per_s": len(got) / seconds,
+        "regions_mean": statistics.mean(n for _, _, n in got),
+        "latency_p50_us": _percentile(latencies, 0.5),
+        "latency_p99_us": _percentile(latencies, 0.99),
+        "seq_gaps": gaps,
+    }
+
+
+async def get_latency_under_load(kdamonds: int = 4, calls: int = 2000) -> dict[str, Any]:
+    """Get round trips: idle daemon (reference) vs 4 kdamonds sampling 1000 regions each."""
+    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(kdamonds)]
+    try:
+        async with _daemon() as client:
+            idle = await _get_latencies(client, calls)
+            await _start_kdamonds(client, [s.pid for s in sleepers], 5000, 100_000, 1000)
+            await asyncio.sleep(1.0)
+            loaded = await _get_latencies(client, calls)
+    finally:
+        for s in sleepers:
+            s.kill()
+            s.wait()
+    return {
+        "idle_p50_us": _percentile(idle, 0.5),
+        "idle_p99_us": _percentile(idle, 0.99),
+        "loaded_p50_us": _percentile(loaded, 0.5),
+        "loaded_p99_us": _percentile(loaded, 0.99),
+        "p99_ratio": _percentile(loaded, 0.99) / _percentile(idle, 0.99),
+    }
+
+
+def run() -> dict[str, dict[str, Any]]:
+    return {
+        "snapshot_delivery": asyncio.run(snapshot_delivery()),
+        "get_latency": asyncio.run(get_latency_under_load()),
+    }
+
+
+if __name__ == "__main__":
+    for name, result in run().items():
+        print(name, {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()})

@@ -1,0 +1,157 @@
+"""`damond`: serve the admin tree on a bus until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
+from damond.hierarchy import Tree
+from damond.monitor.config import ContextConfig
+from damond.monitor.kdamond import KdamondTask
+from damond.monitor.snapshot import Snapshot
+
+log = logging.getLogger("damond")
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+class Fatal(Exception):
+    """A reason to exit 1, said in one line."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="damond",
+        description=(
+            "DAMON-style data-access monitor in user space. Serves the DAMON admin tree "
+            f"(kdamonds, contexts, targets, regions) as D-Bus objects under {ROOT_PATH} with "
+            f"the bus name {BUS_NAME}, and publishes each aggregation as a Snapshot signal. "
+            "Configure and start monitoring with busctl set-property (see docs/dbus-api.md)."
+        ),
+        epilog="Exits 1 when the bus is unreachable or the name is taken; 0 on SIGTERM/SIGINT.",
+    )
+    parser.add_argument(
+        "--bus",
+        default="system",
+        metavar="system|session|ADDRESS",
+        help="the bus to serve on: the system bus (default), the session bus, or a D-Bus "
+        "address such as unix:path=/run/damond-test/bus",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe messages to log (default: info)",
+    )
+    return parser.parse_args(argv)
+
+
+def _message_bus(spec: str) -> MessageBus:
+    if spec == "system":
+        return MessageBus(bus_type=BusType.SYSTEM)
+    if spec == "session":
+        return MessageBus(bus_type=BusType.SESSION)
+    return MessageBus(bus_address=spec)
+
+
+async def _connect(spec: str) -> MessageBus:
+    try:
+        bus = _message_bus(spec)
+        return await bus.connect()
+    except Exception as e:
+        raise Fatal(f"cannot connect to the {spec} bus: {e}") from None
+
+
+async def _own_name(bus: MessageBus) -> None:
+    try:
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    except DBusError as e:
+        raise Fatal(f"not allowed to own {BUS_NAME} on this bus: {e.text}") from None
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        raise Fatal(f"{BUS_NAME} is already owned on this bus (is another damond running?)")
+
+
+class Daemon:
+    """The tree, its running kdamonds and the bus it is served on."""
+
+    def __init__(self) -> None:
+        self.tasks: set[KdamondTask] = set()
+        self.tree = Tree(self._start_kdamond)
+
+    def _start_kdamond(
+        self,
+        name: str,
+        config: ContextConfig,
+        on_snapshot: Callable[[Snapshot], None],
+        on_stop: Callable[[str], None],
+    ) -> KdamondTask:
+        def stopped(reason: str) -> None:
+            self.tasks.discard(task)
+            on_stop(reason)
+
+        task = KdamondTask(name, config, on_snapshot, stopped)
+        self.tasks.add(task)
+        return task
+
+    async def shutdown(self, reason: str) -> None:
+        tasks = list(self.tasks)
+        self.tree.stop_all(reason)
+        if tasks:
+            await asyncio.wait(
+                [asyncio.ensure_future(t.wait()) for t in tasks], timeout=SHUTDOWN_GRACE_S
+            )
+
+    async def serve(self, spec: str) -> int:
+        bus = await _connect(spec)
+        adapter = BusAdapter(bus, self.tree)
+        adapter.attach()  # objects answer before the name is visible
+        await _own_name(bus)
+        log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        stopped = asyncio.ensure_future(stop.wait())
+        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+        await asyncio.wait([stopped, disconnected], return_when=asyncio.FIRST_COMPLETED)
+        if disconnected.done():
+            stopped.cancel()
+            error = disconnected.exception() if not disconnected.cancelled() else None
+            await self.shutdown("lost the bus connection")
+            raise Fatal(f"lost the connection to the bus{f': {error}' if error else ''}")
+        disconnected.cancel()
+        log.info("stopping on signal")
+        await self.shutdown("daemon stopping")
+        adapter.detach()
+        bus.disconnect()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="damond: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(Daemon().serve(args.bus))
+    except Fatal as e:
+        print(f"damond: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

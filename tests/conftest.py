@@ -1,0 +1,239 @@
+"""Fixtures: a real private dbus-daemon, the real damond on it, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from damond.privatebus import PrivateBus, spawn_daemon, start_private_bus, wait_for_name
+
+BUS_NAME = "org.damond1"
+ROOT = "/org/damond1"
+DAEMON_START_TIMEOUT = 15.0
+
+
+@pytest.fixture
+def private_bus() -> Iterator[PrivateBus]:
+    with start_private_bus() as bus:
+        yield bus
+
+
+class SignalQueue:
+    """Signals matching a rule, delivered to a queue as they arrive."""
+
+    def __init__(self, client: MessageBus, rule: dict[str, str]) -> None:
+        self.client = client
+        self.rule = rule
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+
+    def _match(self, msg: Message) -> bool:
+        if msg.message_type is not MessageType.SIGNAL:
+            return False
+        fields = {"path": msg.path, "interface": msg.interface, "member": msg.member}
+        return all(fields.get(k) == v for k, v in self.rule.items() if k in fields)
+
+    def _handler(self, msg: Message) -> None:
+        if self._match(msg):
+            self.queue.put_nowait(msg)
+
+    def _match_rule(self) -> str:
+        return ",".join(f"{k}='{v}'" for k, v in {"type": "signal", **self.rule}.items())
+
+    async def start(self) -> SignalQueue:
+        await call(
+            self.client,
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "AddMatch",
+            "s",
+            [self._match_rule()],
+            destination="org.freedesktop.DBus",
+        )
+        self.client.add_message_handler(self._handler)
+        return self
+
+    async def stop(self) -> None:
+        self.client.remove_message_handler(self._handler)
+        await call(
+            self.client,
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "RemoveMatch",
+            "s",
+            [self._match_rule()],
+            destination="org.freedesktop.DBus",
+        )
+
+    async def next(self, timeout: float = 5.0) -> Message:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    def drain(self) -> list[Message]:
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
+
+
+async def call(
+    client: MessageBus,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+    destination: str = BUS_NAME,
+) -> Message:
+    """A method call; returns the reply message, which may be an error."""
+    reply = await client.call(
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
+    )
+    assert reply is not None
+    return reply
+
+
+@dataclass
+class Damond:
+    """The real daemon as a subprocess, and a dbus-fast client on the same bus."""
+
+    bus: PrivateBus
+    process: subprocess.Popen[bytes]
+    client: MessageBus
+    stderr_path: str
+    queues: list[SignalQueue] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.bus.address
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, errors="replace") as f:
+            return f.read()
+
+    async def get(self, path: str, interface: str, name: str) -> Any:
+        reply = await call(
+            self.client, path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name]
+        )
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        return reply.body[0].value
+
+    async def try_set(self, path: str, interface: str, name: str, sig: str, value: Any) -> Message:
+        return await call(
+            self.client,
+            path,
+            "org.freedesktop.DBus.Properties",
+            "Set",
+            "ssv",
+            [interface, name, Variant(sig, value)],
+        )
+
+    async def set(self, path: str, interface: str, name: str, sig: str, value: Any) -> None:
+        reply = await self.try_set(path, interface, name, sig, value)
+        assert reply.message_type is MessageType.METHOD_RETURN, (
+            f"Set {path} {interface}.{name}={value!r}: {reply.error_name} {reply.body}"
+        )
+
+    async def signals(self, **rule: str) -> SignalQueue:
+        queue = await SignalQueue(self.client, rule).start()
+        self.queues.append(queue)
+        return queue
+
+    async def managed_objects(self) -> dict[str, Any]:
+        reply = await call(
+            self.client, ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"
+        )
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        return {
+            path: {i: {k: v.value for k, v in props.items()} for i, props in ifaces.items()}
+            for path, ifaces in reply.body[0].items()
+        }
+
+    def busctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["busctl", f"--address={self.address}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=30,
+        )
+
+
+async def start_damond(bus: PrivateBus, client: MessageBus, tmp_path: Any) -> Damond:
+    """Start the daemon and wait for its name to appear."""
+    log_path = tmp_path / "damond.log"
+    process = spawn_daemon(bus.address, log_path, "--log-level", "debug")
+    daemon = Damond(bus, process, client, str(log_path))
+    try:
+        await wait_for_name(client, BUS_NAME, DAEMON_START_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        raise AssertionError(f"damond did not own {BUS_NAME}:\n{daemon.stderr()}") from None
+    return daemon
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> int:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture
+async def damond(private_bus: PrivateBus, tmp_path: Any) -> AsyncIterator[Damond]:
+    client = await MessageBus(bus_address=private_bus.address).connect()
+    daemon = await start_damond(private_bus, client, tmp_path)
+    try:
+        yield daemon
+    finally:
+        code = stop_process(daemon.process)
+        client.disconnect()
+        log = daemon.stderr()
+        assert "Traceback" not in log, log
+        assert code == 0, f"damond exited {code}:\n{log}"
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A real, idle process to monitor."""
+    process = subprocess.Popen(["sleep", "600"])
+    yield process
+    stop_process(process)
+
+
+@pytest.fixture
+def workload() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    """The demo workload: a hot and a cold buffer in one real process."""
+    import json
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "damond.workload", "--hot-mib", "4", "--cold-mib", "16"],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    info = json.loads(process.stdout.readline())
+    yield process, info
+    stop_process(process)
+
+
+def daemon_rss(daemon: Damond) -> int:
+    import psutil
+
+    return int(psutil.Process(daemon.process.pid).memory_info().rss)

@@ -1,0 +1,189 @@
+"""The admin tree's decisions, without a bus: state machine, validation, events.
+
+The monitor is a recording fake here; the real one is exercised over D-Bus in
+test_dbus_*.py. These tests cover rules a host cannot reach over the bus
+(paddr needs page_idle, which this development kernel lacks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from damond.errors import Busy, InvalidArgument, NoData
+from damond.hierarchy import Context, Kdamond, Node, Target, Tree
+from damond.monitor import ops
+from damond.monitor.config import ContextConfig
+from damond.monitor.snapshot import Snapshot
+
+
+class FakeMonitor:
+    def __init__(
+        self,
+        config: ContextConfig,
+        on_snapshot: Callable[[Snapshot], None],
+        on_stop: Callable[[str], None],
+    ) -> None:
+        self.configs = [config]
+        self.on_snapshot = on_snapshot
+        self.on_stop = on_stop
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def commit(self, config: ContextConfig) -> None:
+        self.configs.append(config)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Any]] = []
+
+    def node_added(self, node: Node) -> None:
+        self.events.append(("added", node.path, None))
+
+    def node_removed(self, node: Node) -> None:
+        self.events.append(("removed", node.path, None))
+
+    def properties_changed(self, node: Node, group: str, changed: dict[str, Any]) -> None:
+        self.events.append(("changed", node.path, (group, changed)))
+
+    def snapshot(self, context: Context, snapshot: Snapshot) -> None:
+        self.events.append(("snapshot", context.path, snapshot.seq))
+
+
+@pytest.fixture
+def tree() -> tuple[Tree, list[FakeMonitor], Recorder]:
+    monitors: list[FakeMonitor] = []
+
+    def factory(name: str, config: ContextConfig, on_snapshot: Any, on_stop: Any) -> FakeMonitor:
+        monitors.append(FakeMonitor(config, on_snapshot, on_stop))
+        return monitors[-1]
+
+    t = Tree(factory)
+    recorder = Recorder()
+    t.listeners.append(recorder)
+    return t, monitors, recorder
+
+
+def build(t: Tree, pid: int = os.getpid(), targets: int = 1) -> tuple[Kdamond, Context]:
+    t.root.set("kdamonds", "nr", 1)
+    kd = t.lookup("kdamonds/0")
+    assert isinstance(kd, Kdamond)
+    kd.set("contexts", "nr", 1)
+    ctx = t.lookup("kdamonds/0/contexts/0")
+    assert isinstance(ctx, Context)
+    ctx.set("targets", "nr", targets)
+    for i in range(targets):
+        target = t.lookup(f"kdamonds/0/contexts/0/targets/{i}")
+        assert isinstance(target, Target)
+        target.set("target", "pid", pid)
+    return kd, ctx
+
+
+def test_lookup_rejects_odd_and_non_canonical_paths(tree: Any) -> None:
+    t, _, _ = tree
+    build(t)
+    assert t.lookup("kdamonds/0/contexts/0") is not None
+    for bad in [
+        "kdamonds",
+        "kdamonds/00",
+        "kdamonds/1",
+        "kdamonds/-1",
+        "nosuch/0",
+        "kdamonds/0/targets/0",
+        "kdamonds/+0",
+    ]:
+        assert t.lookup(bad) is None, bad
+
+
+def test_on_off_commit_cycle(tree: Any) -> None:
+    t, monitors, recorder = tree
+    kd, ctx = build(t)
+    recorder.events.clear()
+    kd.set("kdamond", "state", "on")
+    assert kd.get("kdamond", "state") == "on" and kd.get("kdamond", "pid") == os.getpid()
+    assert recorder.events == [
+        ("changed", "kdamonds/0", ("kdamond", {"state": "on", "pid": os.getpid()}))
+    ]
+    config = monitors[0].configs[0]
+    assert config.operations == "vaddr" and config.targets[0].pid == os.getpid()
+    assert config.access_check in ops.available_access_checks()
+
+    ctx.set("intervals", "aggr_us", 200000)
+    assert len(monitors[0].configs) == 1  # stored, not applied
+    kd.set("kdamond", "state", "commit")
+    assert monitors[0].configs[-1].attrs.aggr_us == 200000
+
+    snap = Snapshot(1, 0, 20, ())
+    monitors[0].on_snapshot(snap)
+    assert ctx.get_snapshot() is snap
+    kd.set("kdamond", "state", "off")
+    assert monitors[0].stopped and kd.get("kdamond", "pid") == -1
+    kd.set("kdamond", "state", "off")  # idempotent, silent
+    assert [e for e in recorder.events if e[0] == "changed" and e[1] == "kdamonds/0"][-1] == (
+        "changed",
+        "kdamonds/0",
+        ("kdamond", {"state": "off", "pid": -1}),
+    )
+    # a stale monitor's late callbacks change nothing
+    monitors[0].on_stop("late")
+    monitors[0].on_snapshot(Snapshot(2, 0, 20, ()))
+    assert ctx.get_snapshot() is snap
+
+
+def test_monitor_stopping_by_itself_turns_the_kdamond_off(tree: Any) -> None:
+    t, monitors, recorder = tree
+    kd, ctx = build(t)
+    kd.set("kdamond", "state", "on")
+    monitors[0].on_stop("every target has exited")
+    assert kd.get("kdamond", "state") == "off"
+    assert recorder.events[-1] == (
+        "changed",
+        "kdamonds/0",
+        ("kdamond", {"state": "off", "pid": -1}),
+    )
+    with pytest.raises(NoData):
+        Context.get_snapshot(t.lookup("kdamonds/0/contexts/0"))  # type: ignore[arg-type]
+
+
+def test_paddr_takes_at_most_one_target(tree: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    t, monitors, _ = tree
+    monkeypatch.setattr(ops, "available_operations", lambda: ["vaddr", "fvaddr", "paddr"])
+    monkeypatch.setattr(ops, "available_access_checks", lambda: ["page_idle", "clear_refs"])
+    monkeypatch.setattr(ops, "resolve_access_check", lambda requested, operations: "page_idle")
+    kd, ctx = build(t, targets=2)
+    ctx.set("context", "operations", "paddr")
+    with pytest.raises(InvalidArgument, match="paddr takes at most one target"):
+        kd.set("kdamond", "state", "on")
+    assert not monitors
+    ctx.set("targets", "nr", 1)
+    kd.set("kdamond", "state", "on")
+    assert monitors[0].configs[0].targets[0].pid == -1  # paddr has no process
+
+
+def test_refused_writes_change_nothing_and_say_nothing(tree: Any) -> None:
+    t, _, recorder = tree
+    kd, ctx = build(t)
+    kd.set("kdamond", "state", "on")
+    recorder.events.clear()
+    for node, group, name, value, error in [
+        (t.root, "kdamonds", "nr", 0, Busy),
+        (kd, "contexts", "nr", 0, Busy),
+        (ctx, "targets", "nr", 3, Busy),
+        (kd, "kdamond", "state", "on", Busy),
+        (kd, "kdamond", "state", "bogus", InvalidArgument),
+        (kd, "kdamond", "pid", 1, InvalidArgument),
+        (ctx, "context", "operations", "nope", InvalidArgument),
+        (ctx, "intervals", "aggr_us", -1, InvalidArgument),
+        (ctx, "intervals", "aggr_us", 2**64, InvalidArgument),
+        (ctx, "intervals", "aggr_us", "1", InvalidArgument),
+    ]:
+        with pytest.raises(error):
+            node.set(group, name, value)
+    assert recorder.events == []
+    assert len(list(t.root.walk())) == 4
