@@ -1,0 +1,578 @@
+"""`make demo`: damond watching a process that keeps one buffer hot and one cold.
+
+Starts (as needed) a bus, the daemon and the workload, configures kdamond 0
+over D-Bus exactly as the equivalent busctl commands would, and draws each
+Snapshot until Ctrl-C or ``DEMO_SECONDS`` seconds. Everything it started is
+stopped again on every way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from dbus_fast import BusType, DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from damond.privatebus import start_private_bus
+from damond.render import Marks, Style, coverage, format_size, parse, render
+
+BUS_NAME = "org.damond1"
+ROOT = "/org/damond1"
+KDAMOND = f"{ROOT}/kdamonds/0"
+CONTEXT = f"{KDAMOND}/contexts/0"
+TARGET = f"{CONTEXT}/targets/0"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+
+SYSTEM_SOCKET = Path("/run/dbus/system_bus_socket")
+POLICY_FILES = (
+    Path("/usr/share/dbus-1/system.d/org.damond1.conf"),
+    Path("/etc/dbus-1/system.d/org.damond1.conf"),
+)
+HOT_MIB, COLD_MIB = 8, 56
+NAME_TIMEOUT_S = 10.0
+WORKLOAD_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+PRINT_PERIOD_S = 1.0
+"""Without a tty, a compact block is printed this often."""
+QUIET_WARNING_S = 3.0
+
+GRANULARITY = {
+    "clear_refs": (
+        "per mapping: each sample clears the referenced bits and reads smaps, so a "
+        "region's sampled page counts as accessed with its mapping's Referenced fraction "
+        "(hot and cold parts of one mapping look alike)"
+    ),
+    "page_idle": "per page: each sampled page's own idle bit says whether it was accessed",
+}
+
+
+class DemoError(Exception):
+    """A reason to stop the demo with exit status 1, said in one line (or a log)."""
+
+
+@dataclass(frozen=True)
+class BusChoice:
+    """Where the demo runs: the system bus, or a private one once ``address`` is set."""
+
+    system: bool
+    start_daemon: bool
+    reason: str
+    address: str | None = None
+
+    @property
+    def daemon_arg(self) -> str:
+        return self.address or "system"
+
+    @property
+    def busctl(self) -> list[str]:
+        return ["busctl"] + ([f"--address={self.address}"] if self.address else [])
+
+
+async def connect(address: str | None) -> MessageBus:
+    """A client connection: the system bus when ``address`` is None."""
+    if address is None:
+        return await MessageBus(bus_type=BusType.SYSTEM).connect()
+    return await MessageBus(bus_address=address).connect()
+
+
+async def call(
+    bus: MessageBus,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+    destination: str = BUS_NAME,
+) -> list[Any]:
+    """A method call's reply body; a D-Bus error reply is raised as DBusError."""
+    reply = await bus.call(
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
+    )
+    assert reply is not None
+    if reply.message_type is MessageType.ERROR:
+        text = reply.body[0] if reply.body else ""
+        raise DBusError(reply.error_name or "unknown", text, reply=reply)
+    return list(reply.body)
+
+
+async def bus_call(
+    bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None
+) -> list[Any]:
+    """A call to the bus daemon itself."""
+    return await call(
+        bus,
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        member,
+        signature,
+        body,
+        destination="org.freedesktop.DBus",
+    )
+
+
+async def name_has_owner(bus: MessageBus) -> bool:
+    return bool((await bus_call(bus, "NameHasOwner", "s", [BUS_NAME]))[0])
+
+
+async def get_property(bus: MessageBus, path: str, interface: str, name: str) -> Any:
+    variant = (await call(bus, path, PROPERTIES, "Get", "ss", [interface, name]))[0]
+    return variant.value
+
+
+async def set_property(
+    bus: MessageBus, path: str, interface: str, name: str, signature: str, value: Any
+) -> None:
+    try:
+        body = [interface, name, Variant(signature, value)]
+        await call(bus, path, PROPERTIES, "Set", "ssv", body)
+    except DBusError as e:
+        raise DemoError(
+            f"setting {path} {interface}.{name} to {value!r}: {e.type}: {e.text}"
+        ) from None
+
+
+async def choose_bus() -> BusChoice:
+    """The system bus when damond is (or may be) served there by root, else a private bus."""
+    if not SYSTEM_SOCKET.exists():
+        return BusChoice(False, True, f"no system bus here ({SYSTEM_SOCKET} is missing)")
+    if os.geteuid() != 0:
+        return BusChoice(False, True, f"not root: may not own {BUS_NAME} on the system bus")
+    try:
+        bus = await connect(None)
+    except Exception as e:  # any failure to reach the system bus means: use our own
+        return BusChoice(False, True, f"the system bus is unreachable ({e})")
+    try:
+        owned = await name_has_owner(bus)
+    finally:
+        bus.disconnect()
+    if owned:
+        return BusChoice(True, False, f"{BUS_NAME} already runs on the system bus: using it")
+    if any(p.exists() for p in POLICY_FILES):
+        return BusChoice(True, True, "the damond policy is installed: using the system bus")
+    return BusChoice(False, True, f"the system bus has no {BUS_NAME} policy installed")
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT for a while (children started meanwhile keep ignoring it)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the demo itself is killed."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def spawn(
+    *args: str, stdout: int | IO[bytes], stderr: int | IO[bytes] | None
+) -> asyncio.subprocess.Process:
+    """A child in its own process group (a terminal's Ctrl-C reaches only the demo,
+    which then stops the children in order) that dies with the demo."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> int:
+    """SIGTERM, wait, SIGKILL if it will not go; returns the exit status."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode
+
+
+def read_log(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace").strip()
+
+
+async def start_daemon(stack: AsyncExitStack, client: MessageBus, choice: BusChoice) -> None:
+    """Start damond and wait until it owns its name; on any exit, stop it again."""
+    log = stack.enter_context(tempfile.TemporaryFile(prefix="damond-demo-"))  # noqa: SIM115
+    process = await spawn("-m", "damond", "--bus", choice.daemon_arg, stdout=log, stderr=log)
+    log_shown = False
+
+    async def stop() -> None:
+        code = await stop_process(process)
+        print(f"stopped the daemon (exit status {code})")
+        text = read_log(log)
+        notable = text if code else "\n".join(x for x in text.splitlines() if not _routine(x))
+        if notable and not log_shown:
+            print(f"the daemon said:\n{notable}", file=sys.stderr)
+
+    stack.push_async_callback(stop)
+    print(
+        f"started damond (pid {process.pid}): {sys.executable} -m damond --bus "
+        f"{shlex.quote(choice.daemon_arg)}"
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + NAME_TIMEOUT_S
+    while not await name_has_owner(client):
+        if process.returncode is not None:
+            problem = f"damond exited with status {process.returncode} before owning {BUS_NAME}"
+        elif loop.time() > deadline:
+            problem = f"damond did not own {BUS_NAME} within {NAME_TIMEOUT_S:.0f} s"
+        else:
+            await asyncio.sleep(0.05)
+            continue
+        log_shown = True
+        raise DemoError(f"{problem}:\n{read_log(log)}")
+    print(f"damond owns {BUS_NAME}")
+
+
+def _routine(line: str) -> bool:
+    """A daemon log line that is worth nothing to the demo's viewer."""
+    return ": INFO: " in line or ": DEBUG: " in line
+
+
+async def start_workload(stack: AsyncExitStack) -> tuple[Marks, asyncio.subprocess.Process]:
+    """Start the workload and read where its buffers are."""
+    process = await spawn(
+        "-m",
+        "damond.workload",
+        "--hot-mib",
+        str(HOT_MIB),
+        "--cold-mib",
+        str(COLD_MIB),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=None,
+    )
+
+    async def stop() -> None:
+        code = await stop_process(process)
+        print(f"stopped the workload (exit status {code})")
+
+    stack.push_async_callback(stop)
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), WORKLOAD_TIMEOUT_S)
+        marks = Marks.from_json(json.loads(line))
+    except (TimeoutError, ValueError, KeyError) as e:
+        raise DemoError(f"the workload did not announce its buffers: {e!r}") from None
+    for name, (start, end) in (("hot", marks.hot), ("cold", marks.cold)):
+        what = "written continuously" if name == "hot" else "touched once, then left alone"
+        print(
+            f"workload pid {marks.pid}: {name:<4} {format_size(end - start):>9} at "
+            f"{start:x}-{end:x}, {what}"
+        )
+    return marks, process
+
+
+async def configure(client: MessageBus, choice: BusChoice, pid: int) -> str:
+    """Set kdamond 0 up for ``pid`` (printing the busctl equivalent); returns the access check.
+
+    Leaves ``state`` to the caller."""
+    steps: list[tuple[str, str, str, str, Any]] = [
+        (ROOT, "org.damond1.Kdamonds", "nr", "u", 1),
+        (KDAMOND, "org.damond1.Contexts", "nr", "u", 1),
+        (CONTEXT, "org.damond1.Context", "operations", "s", "vaddr"),
+        (CONTEXT, "org.damond1.Targets", "nr", "u", 1),
+        (TARGET, "org.damond1.Target", "pid", "i", pid),
+    ]
+    print("\nconfiguring kdamond 0, as these commands would:")
+    busctl = shlex.join(choice.busctl)
+    state_on = (KDAMOND, "org.damond1.Kdamond", "state", "s", "on")
+    for path, iface, name, sig, value in [*steps, state_on]:
+        print(f"  {busctl} set-property {BUS_NAME} {path} {iface} {name} {sig} {value}")
+    for step in steps:
+        await set_property(client, *step)
+    check = await get_property(client, CONTEXT, "org.damond1.Context", "access_check")
+    avail = await get_property(client, CONTEXT, "org.damond1.Context", "avail_access_checks")
+    resolved = resolve_access_check(str(check), list(avail))
+    shown = check if check == resolved else f"{check} -> {resolved}"
+    print(f"access_check {shown} (available: {', '.join(avail) or 'none'})")
+    print(f"  {GRANULARITY.get(resolved, 'granularity unknown to this demo')}")
+    return resolved
+
+
+def resolve_access_check(check: str, avail: list[str]) -> str:
+    """What ``auto`` stands for on this host (DESIGN.md: page_idle if present, else clear_refs)."""
+    if check != "auto":
+        return check
+    return next((c for c in ("page_idle", "clear_refs") if c in avail), "auto")
+
+
+class Feed:
+    """The latest Snapshot body of kdamond 0's context, and when it arrived."""
+
+    def __init__(self) -> None:
+        self.latest: list[Any] | None = None
+        self.arrived = asyncio.Event()
+
+    def handle(self, msg: Message) -> None:
+        if (
+            msg.message_type is MessageType.SIGNAL
+            and msg.member == "Snapshot"
+            and msg.path == CONTEXT
+            and msg.interface == "org.damond1.Context"
+        ):
+            self.latest = list(msg.body)
+            self.arrived.set()
+
+    async def subscribe(self, client: MessageBus) -> None:
+        rule = (
+            f"type='signal',sender='{BUS_NAME}',path='{CONTEXT}',"
+            "interface='org.damond1.Context',member='Snapshot'"
+        )
+        await bus_call(client, "AddMatch", "s", [rule])
+        client.add_message_handler(self.handle)
+
+
+@dataclass
+class Screen:
+    """Draws pictures: redrawn in place on a tty, compact blocks every second otherwise."""
+
+    tty: bool
+    title: str
+
+    def draw(self, lines: list[str]) -> None:
+        if self.tty:
+            body = "".join(f"{line}\x1b[K\n" for line in [self.title, *lines])
+            sys.stdout.write("\x1b[H" + body + "\x1b[J")
+        else:
+            sys.stdout.write("\n".join(["", self.title, *lines]) + "\n")
+        sys.stdout.flush()
+
+    def picture(self, body: list[Any], marks: Marks, check: str) -> list[str]:
+        size = shutil.get_terminal_size((100, 40))
+        if self.tty:
+            return render(
+                body,
+                marks,
+                access_check=check,
+                max_lines=size.lines - 2,
+                width=size.columns,
+                style=Style(color=True, ascii_only=not _utf8()),
+            )
+        return render(
+            body,
+            marks,
+            access_check=check,
+            max_lines=16,
+            width=100,
+            style=Style(ascii_only=not _utf8()),
+        )
+
+
+def _utf8() -> bool:
+    return (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
+
+
+async def watch(
+    feed: Feed,
+    marks: Marks,
+    check: str,
+    seconds: float | None,
+    children: dict[str, asyncio.subprocess.Process],
+) -> None:
+    """Draw snapshots until the time is up; a child that exits ends the demo."""
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    end = begin + seconds if seconds is not None else None
+    until = f"for {seconds:g} s" if seconds is not None else "until Ctrl-C"
+    screen = Screen(sys.stdout.isatty(), "")
+    if screen.tty:
+        sys.stdout.write("\x1b[2J")
+    next_print = begin
+    last_seen = begin
+    while end is None or loop.time() < end:
+        for name, process in children.items():
+            if process.returncode is not None:
+                raise DemoError(f"the {name} exited with status {process.returncode}")
+        timeout = 0.5 if end is None else max(0.0, min(0.5, end - loop.time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(feed.arrived.wait(), timeout)
+        now = loop.time()
+        screen.title = f"damond demo: t+{now - begin:.1f} s, running {until}"
+        if feed.arrived.is_set():
+            feed.arrived.clear()
+            last_seen = now
+        elif now - last_seen > QUIET_WARNING_S and now >= next_print:
+            print(f"no Snapshot for {now - last_seen:.0f} s", file=sys.stderr)
+            next_print = now + PRINT_PERIOD_S
+            continue
+        if feed.latest is not None and (screen.tty or now >= next_print):
+            screen.draw(screen.picture(feed.latest, marks, check))
+            next_print = now + PRINT_PERIOD_S
+
+
+def verdict(body: list[Any] | None, marks: Marks) -> str:
+    """One line: did the last snapshot show the hot buffer hot and the cold one cold?"""
+    if body is None:
+        return "result: no Snapshot was received"
+    snap = parse(body)
+    target = next((t for t in snap.targets if t.pid == marks.pid), None)
+    if target is None:
+        return f"result: the last Snapshot (seq {snap.seq}) has no target for pid {marks.pid}"
+    hot = coverage(target.regions, marks.hot, snap.max_nr_accesses)
+    cold = coverage(target.regions, marks.cold, snap.max_nr_accesses)
+    good = hot.accessed_fraction >= 0.9 and cold.accessed_fraction <= 0.1
+    return (
+        f"result (seq {snap.seq}): hot buffer {hot.accessed_fraction:.0%} in accessed regions "
+        f"(mean freq {hot.mean_frequency:.0%}), cold buffer {cold.accessed_fraction:.0%} "
+        f"(mean freq {cold.mean_frequency:.0%}): "
+        + ("hot looks hot and cold looks cold" if good else "NOT the expected picture")
+    )
+
+
+async def warn_on_failure(what: str, action: Callable[[], Awaitable[Any]]) -> None:
+    """Run a cleanup step; a failure is reported, not raised, so later steps still run."""
+    try:
+        await asyncio.wait_for(action(), STOP_TIMEOUT_S)
+    except Exception as e:  # cleanup must go on whatever happened
+        print(f"warning: {what} failed: {e}", file=sys.stderr)
+
+
+async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
+    """The whole demo; every cleanup step is pushed on ``stack`` as soon as it is needed."""
+    choice = await choose_bus()
+    if choice.system:
+        print(choice.reason)
+    else:
+        with _sigint_ignored():  # inherited: a terminal's Ctrl-C must not kill the bus
+            private = start_private_bus()
+
+        def stop_bus() -> None:
+            private.stop()
+            print("stopped the private bus")
+
+        stack.callback(stop_bus)
+        choice = replace(choice, address=private.address)
+        print(f"{choice.reason}: using a private dbus-daemon at {private.address}")
+
+    client = await connect(choice.address)
+    stack.callback(client.disconnect)
+    if choice.start_daemon:
+        if await name_has_owner(client):
+            raise DemoError(f"{BUS_NAME} is already owned on this bus")
+        await start_daemon(stack, client, choice)
+
+    marks, workload = await start_workload(stack)
+    check = await configure(client, choice, marks.pid)
+    feed = Feed()
+    await feed.subscribe(client)
+
+    async def state_off() -> None:
+        await set_property(client, KDAMOND, "org.damond1.Kdamond", "state", "s", "off")
+        print("kdamond 0: state off")
+
+    stack.push_async_callback(warn_on_failure, "state off", state_off)
+    await set_property(client, KDAMOND, "org.damond1.Kdamond", "state", "s", "on")
+    kpid = await get_property(client, KDAMOND, "org.damond1.Kdamond", "pid")
+    print(f"kdamond 0: state on (pid {kpid})")
+    intervals = [
+        await get_property(client, CONTEXT, "org.damond1.Intervals", n)
+        for n in ("sample_us", "aggr_us")
+    ]
+    print(f"sampling every {intervals[0] / 1000:g} ms, a Snapshot every {intervals[1] / 1000:g} ms")
+
+    try:
+        await watch(feed, marks, check, seconds, {"workload": workload})
+    finally:
+        print(verdict(feed.latest, marks))
+
+
+def _parse_seconds() -> float | None:
+    raw = os.environ.get("DEMO_SECONDS", "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise DemoError(f"DEMO_SECONDS must be a number of seconds, not {raw!r}") from None
+    if seconds <= 0:
+        raise DemoError(f"DEMO_SECONDS must be positive, not {raw!r}")
+    return seconds
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM cancel the demo once; during cleanup they are ignored."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.armed = True
+        self.fired = False
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._fire)
+
+    def _fire(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.fired = True
+            self.task.cancel()
+
+
+async def _run(seconds: float | None) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    interrupt = _Interrupt(task)
+    status = 0
+    async with AsyncExitStack() as stack:  # unwinding it stops everything, in reverse order
+        try:
+            await demo(stack, seconds)
+        except asyncio.CancelledError:
+            if not interrupt.fired:
+                raise
+            task.uncancel()
+            print("\ninterrupted")
+        except DemoError as e:
+            sys.stdout.flush()
+            print(f"demo: {e}", file=sys.stderr)
+            status = 1
+        finally:
+            interrupt.armed = False
+            print("stopping")
+    return status
+
+
+def main() -> int:
+    """Entry point of ``python -m damond.demo``."""
+    try:
+        seconds = _parse_seconds()
+    except DemoError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(seconds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
