@@ -89,7 +89,7 @@ def run() -> list[dict[str, Any]]:
     return [_measure(setup, n) for setup in ("fixed", "adaptive") for n in SIZES]
 
 
-def _table(results: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "| setup | N | regions | sample mean | p50 | p99 | aggregation mean | p50 | p99 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -106,4 +106,4 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    print(_table(run()))
+    print(markdown(run()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shlex
@@ -24,18 +23,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from dbus_fast import BusType, DBusError, Message, MessageType, Variant
+from dbus_fast import DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from damond.privatebus import start_private_bus
+from damond import client
+from damond.client import BUS_NAME, ROOT, get_property
+from damond.privatebus import die_with_parent, start_private_bus, wait_for_name
 from damond.render import Marks, Style, coverage, format_size, parse, render
 
-BUS_NAME = "org.damond1"
-ROOT = "/org/damond1"
 KDAMOND = f"{ROOT}/kdamonds/0"
 CONTEXT = f"{KDAMOND}/contexts/0"
 TARGET = f"{CONTEXT}/targets/0"
-PROPERTIES = "org.freedesktop.DBus.Properties"
 
 SYSTEM_SOCKET = Path("/run/dbus/system_bus_socket")
 POLICY_FILES = (
@@ -82,70 +80,12 @@ class BusChoice:
         return ["busctl"] + ([f"--address={self.address}"] if self.address else [])
 
 
-async def connect(address: str | None) -> MessageBus:
-    """A client connection: the system bus when ``address`` is None."""
-    if address is None:
-        return await MessageBus(bus_type=BusType.SYSTEM).connect()
-    return await MessageBus(bus_address=address).connect()
-
-
-async def call(
-    bus: MessageBus,
-    path: str,
-    interface: str,
-    member: str,
-    signature: str = "",
-    body: list[Any] | None = None,
-    destination: str = BUS_NAME,
-) -> list[Any]:
-    """A method call's reply body; a D-Bus error reply is raised as DBusError."""
-    reply = await bus.call(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
-    )
-    assert reply is not None
-    if reply.message_type is MessageType.ERROR:
-        text = reply.body[0] if reply.body else ""
-        raise DBusError(reply.error_name or "unknown", text, reply=reply)
-    return list(reply.body)
-
-
-async def bus_call(
-    bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None
-) -> list[Any]:
-    """A call to the bus daemon itself."""
-    return await call(
-        bus,
-        "/org/freedesktop/DBus",
-        "org.freedesktop.DBus",
-        member,
-        signature,
-        body,
-        destination="org.freedesktop.DBus",
-    )
-
-
-async def name_has_owner(bus: MessageBus) -> bool:
-    return bool((await bus_call(bus, "NameHasOwner", "s", [BUS_NAME]))[0])
-
-
-async def get_property(bus: MessageBus, path: str, interface: str, name: str) -> Any:
-    variant = (await call(bus, path, PROPERTIES, "Get", "ss", [interface, name]))[0]
-    return variant.value
-
-
 async def set_property(
     bus: MessageBus, path: str, interface: str, name: str, signature: str, value: Any
 ) -> None:
+    """client.set_property, failing the demo with a message that says what was set."""
     try:
-        body = [interface, name, Variant(signature, value)]
-        await call(bus, path, PROPERTIES, "Set", "ssv", body)
+        await client.set_property(bus, path, interface, name, signature, value)
     except DBusError as e:
         raise DemoError(
             f"setting {path} {interface}.{name} to {value!r}: {e.type}: {e.text}"
@@ -159,11 +99,11 @@ async def choose_bus() -> BusChoice:
     if os.geteuid() != 0:
         return BusChoice(False, True, f"not root: may not own {BUS_NAME} on the system bus")
     try:
-        bus = await connect(None)
+        bus = await client.connect(None)
     except Exception as e:  # any failure to reach the system bus means: use our own
         return BusChoice(False, True, f"the system bus is unreachable ({e})")
     try:
-        owned = await name_has_owner(bus)
+        owned = await client.name_has_owner(bus)
     finally:
         bus.disconnect()
     if owned:
@@ -183,12 +123,6 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the demo itself is killed."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 async def spawn(
     *args: str, stdout: int | IO[bytes], stderr: int | IO[bytes] | None
 ) -> asyncio.subprocess.Process:
@@ -201,7 +135,7 @@ async def spawn(
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
 
 
@@ -224,7 +158,7 @@ def read_log(log: IO[bytes]) -> str:
     return log.read().decode(errors="replace").strip()
 
 
-async def start_daemon(stack: AsyncExitStack, client: MessageBus, choice: BusChoice) -> None:
+async def start_daemon(stack: AsyncExitStack, bus: MessageBus, choice: BusChoice) -> None:
     """Start damond and wait until it owns its name; on any exit, stop it again."""
     log = stack.enter_context(tempfile.TemporaryFile(prefix="damond-demo-"))  # noqa: SIM115
     process = await spawn("-m", "damond", "--bus", choice.daemon_arg, stdout=log, stderr=log)
@@ -243,16 +177,16 @@ async def start_daemon(stack: AsyncExitStack, client: MessageBus, choice: BusCho
         f"started damond (pid {process.pid}): {sys.executable} -m damond --bus "
         f"{shlex.quote(choice.daemon_arg)}"
     )
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + NAME_TIMEOUT_S
-    while not await name_has_owner(client):
+    owned = asyncio.ensure_future(wait_for_name(bus, BUS_NAME, NAME_TIMEOUT_S))
+    exited = asyncio.ensure_future(process.wait())
+    await asyncio.wait([owned, exited], return_when=asyncio.FIRST_COMPLETED)
+    exited.cancel()
+    if not owned.done() or owned.exception() is not None:
+        owned.cancel()
         if process.returncode is not None:
             problem = f"damond exited with status {process.returncode} before owning {BUS_NAME}"
-        elif loop.time() > deadline:
-            problem = f"damond did not own {BUS_NAME} within {NAME_TIMEOUT_S:.0f} s"
         else:
-            await asyncio.sleep(0.05)
-            continue
+            problem = f"damond did not own {BUS_NAME} within {NAME_TIMEOUT_S:.0f} s"
         log_shown = True
         raise DemoError(f"{problem}:\n{read_log(log)}")
     print(f"damond owns {BUS_NAME}")
@@ -296,7 +230,7 @@ async def start_workload(stack: AsyncExitStack) -> tuple[Marks, asyncio.subproce
     return marks, process
 
 
-async def configure(client: MessageBus, choice: BusChoice, pid: int) -> str:
+async def configure(bus: MessageBus, choice: BusChoice, pid: int) -> str:
     """Set kdamond 0 up for ``pid`` (printing the busctl equivalent); returns the access check.
 
     Leaves ``state`` to the caller."""
@@ -313,9 +247,9 @@ async def configure(client: MessageBus, choice: BusChoice, pid: int) -> str:
     for path, iface, name, sig, value in [*steps, state_on]:
         print(f"  {busctl} set-property {BUS_NAME} {path} {iface} {name} {sig} {value}")
     for step in steps:
-        await set_property(client, *step)
-    check = await get_property(client, CONTEXT, "org.damond1.Context", "access_check")
-    avail = await get_property(client, CONTEXT, "org.damond1.Context", "avail_access_checks")
+        await set_property(bus, *step)
+    check = await get_property(bus, CONTEXT, "org.damond1.Context", "access_check")
+    avail = await get_property(bus, CONTEXT, "org.damond1.Context", "avail_access_checks")
     resolved = resolve_access_check(str(check), list(avail))
     shown = check if check == resolved else f"{check} -> {resolved}"
     print(f"access_check {shown} (available: {', '.join(avail) or 'none'})")
@@ -347,13 +281,13 @@ class Feed:
             self.latest = list(msg.body)
             self.arrived.set()
 
-    async def subscribe(self, client: MessageBus) -> None:
+    async def subscribe(self, bus: MessageBus) -> None:
         rule = (
             f"type='signal',sender='{BUS_NAME}',path='{CONTEXT}',"
             "interface='org.damond1.Context',member='Snapshot'"
         )
-        await bus_call(client, "AddMatch", "s", [rule])
-        client.add_message_handler(self.handle)
+        await client.add_match(bus, rule)
+        bus.add_message_handler(self.handle)
 
 
 @dataclass
@@ -478,28 +412,28 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
         choice = replace(choice, address=private.address)
         print(f"{choice.reason}: using a private dbus-daemon at {private.address}")
 
-    client = await connect(choice.address)
-    stack.callback(client.disconnect)
+    bus = await client.connect(choice.address)
+    stack.callback(bus.disconnect)
     if choice.start_daemon:
-        if await name_has_owner(client):
+        if await client.name_has_owner(bus):
             raise DemoError(f"{BUS_NAME} is already owned on this bus")
-        await start_daemon(stack, client, choice)
+        await start_daemon(stack, bus, choice)
 
     marks, workload = await start_workload(stack)
-    check = await configure(client, choice, marks.pid)
+    check = await configure(bus, choice, marks.pid)
     feed = Feed()
-    await feed.subscribe(client)
+    await feed.subscribe(bus)
 
     async def state_off() -> None:
-        await set_property(client, KDAMOND, "org.damond1.Kdamond", "state", "s", "off")
+        await set_property(bus, KDAMOND, "org.damond1.Kdamond", "state", "s", "off")
         print("kdamond 0: state off")
 
     stack.push_async_callback(warn_on_failure, "state off", state_off)
-    await set_property(client, KDAMOND, "org.damond1.Kdamond", "state", "s", "on")
-    kpid = await get_property(client, KDAMOND, "org.damond1.Kdamond", "pid")
+    await set_property(bus, KDAMOND, "org.damond1.Kdamond", "state", "s", "on")
+    kpid = await get_property(bus, KDAMOND, "org.damond1.Kdamond", "pid")
     print(f"kdamond 0: state on (pid {kpid})")
     intervals = [
-        await get_property(client, CONTEXT, "org.damond1.Intervals", n)
+        await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
         for n in ("sample_us", "aggr_us")
     ]
     print(f"sampling every {intervals[0] / 1000:g} ms, a Snapshot every {intervals[1] / 1000:g} ms")

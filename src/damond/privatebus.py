@@ -8,6 +8,8 @@ enforced; with no policy included, root may do everything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -16,10 +18,13 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
+
+from damond import client
+
+PR_SET_PDEATHSIG = 1
 
 CONFIG_TEMPLATE = """<!DOCTYPE busconfig PUBLIC
  "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -90,6 +95,13 @@ class PrivateBus:
         self.stop()
 
 
+def die_with_parent() -> None:
+    """For preexec_fn: the child gets SIGTERM when the process that started it dies,
+    so a killed demo or test run leaves no bus or daemon behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_private_bus(
     policy_files: list[Path] | None = None, service_dirs: list[Path] | None = None
 ) -> PrivateBus:
@@ -111,6 +123,7 @@ def start_private_bus(
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         stderr=(directory / "bus.log").open("wb"),
+        preexec_fn=die_with_parent,
     )
     assert process.stdout is not None
     line = process.stdout.readline().decode().strip()  # printed once it listens
@@ -133,7 +146,7 @@ def spawn_daemon(address: str, log_path: Path, *extra: str) -> subprocess.Popen[
         )
 
 
-async def wait_for_name(client: MessageBus, name: str, timeout: float) -> None:
+async def wait_for_name(bus: MessageBus, name: str, timeout: float) -> None:
     """Return once name has an owner: NameOwnerChanged is awaited, not polled."""
     owned = asyncio.get_running_loop().create_future()
 
@@ -147,24 +160,11 @@ async def wait_for_name(client: MessageBus, name: str, timeout: float) -> None:
         ):
             owned.set_result(None)
 
-    client.add_message_handler(on_message)
+    bus.add_message_handler(on_message)
     try:
-        rule = f"type='signal',member='NameOwnerChanged',arg0='{name}'"
-        await client.call(_bus_call("AddMatch", "s", [rule]))
-        reply = await client.call(_bus_call("NameHasOwner", "s", [name]))
-        if reply is not None and reply.body and reply.body[0] is True:
+        await client.add_match(bus, f"type='signal',member='NameOwnerChanged',arg0='{name}'")
+        if await client.name_has_owner(bus, name):
             return
         await asyncio.wait_for(owned, timeout)
     finally:
-        client.remove_message_handler(on_message)
-
-
-def _bus_call(member: str, signature: str, body: list[Any]) -> Message:
-    return Message(
-        destination="org.freedesktop.DBus",
-        path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus",
-        member=member,
-        signature=signature,
-        body=body,
-    )
+        bus.remove_message_handler(on_message)

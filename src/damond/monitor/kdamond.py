@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+FINE_SLEEP_S = 0.002
+"""The last part of each sample interval is slept on the worker thread, precisely."""
+
 
 class KdamondTask:
     """One running kdamond: started on creation, stopped by stop() or by itself."""
@@ -88,19 +91,37 @@ class KdamondTask:
         self._on_stop(reason)
 
     async def _sample_loop(self, engine: Engine) -> str:
+        """prepare, sleep, check: as kdamond_fn, paced by absolute deadlines.
+
+        The event loop sleeps in whole milliseconds (epoll), which would stretch
+        every 1 ms sample by up to a millisecond; so the loop sleeps until just
+        before the deadline and the worker thread sleeps the precise rest, then
+        checks and prepares the next sample in the same hop.
+        """
+        await self._call(engine.prepare)
         deadline = time.monotonic()
         while not engine.done:
-            await self._call(engine.prepare)
             deadline += engine.config.attrs.sample_us / 1e6
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
+            coarse = deadline - time.monotonic() - FINE_SLEEP_S
+            if coarse > 0:
+                await asyncio.sleep(coarse)
+            elif coarse + FINE_SLEEP_S < 0:
                 deadline = time.monotonic()  # late: pace from now, never catch up in a burst
-            snapshot = await self._call(engine.check)
+            snapshot = await self._call(_sample, engine, deadline)
             if snapshot is not None:
                 self._on_snapshot(snapshot)
         return "every target has exited"
+
+
+def _sample(engine: Engine, deadline: float) -> Snapshot | None:
+    """On the worker: wait for the deadline, check this sample, prepare the next."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    snapshot = engine.check()
+    if not engine.done:
+        engine.prepare()
+    return snapshot
 
 
 def _engine_for(config: ContextConfig, processes: ProcessTable) -> Engine:

@@ -1,0 +1,86 @@
+"""A small asyncio client for org.damond1 (dbus-fast): the demo, benchmarks and scripts.
+
+Replies that are D-Bus errors are raised as dbus_fast.DBusError, whose
+``type`` is the error name (e.g. org.damond1.Error.InvalidArgument) and
+``text`` the daemon's message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dbus_fast import BusType, DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+BUS_NAME = "org.damond1"
+ROOT = "/org/damond1"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+SNAPSHOT_RULE = "type='signal',interface='org.damond1.Context',member='Snapshot'"
+
+
+async def connect(address: str | None = None) -> MessageBus:
+    """A connection to the bus at address, or to the system bus when it is None."""
+    if address is None:
+        return await MessageBus(bus_type=BusType.SYSTEM).connect()
+    return await MessageBus(bus_address=address).connect()
+
+
+async def call(
+    bus: MessageBus,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+    destination: str = BUS_NAME,
+) -> list[Any]:
+    """A method call's reply body; an error reply is raised as DBusError."""
+    reply = await bus.call(
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
+    )
+    assert reply is not None
+    if reply.message_type is MessageType.ERROR:
+        text = reply.body[0] if reply.body else ""
+        raise DBusError(reply.error_name or "unknown", text, reply=reply)
+    return list(reply.body)
+
+
+async def bus_call(
+    bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None
+) -> list[Any]:
+    """A call to the bus daemon itself (AddMatch, NameHasOwner, …)."""
+    return await call(
+        bus,
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        member,
+        signature,
+        body,
+        destination="org.freedesktop.DBus",
+    )
+
+
+async def add_match(bus: MessageBus, rule: str) -> None:
+    await bus_call(bus, "AddMatch", "s", [rule])
+
+
+async def name_has_owner(bus: MessageBus, name: str = BUS_NAME) -> bool:
+    return bool((await bus_call(bus, "NameHasOwner", "s", [name]))[0])
+
+
+async def get_property(bus: MessageBus, path: str, interface: str, name: str) -> Any:
+    variant = (await call(bus, path, PROPERTIES, "Get", "ss", [interface, name]))[0]
+    return variant.value
+
+
+async def set_property(
+    bus: MessageBus, path: str, interface: str, name: str, signature: str, value: Any
+) -> None:
+    await call(bus, path, PROPERTIES, "Set", "ssv", [interface, name, Variant(signature, value)])
