@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Debian packages the daemon, its build and its tests need.
-APT_PACKAGES := dbus libsystemd-dev pkg-config gcc python3-dev
+APT_PACKAGES := dbus systemd libsystemd-dev pkg-config gcc python3-dev
 
 .PHONY: all deps venv test lint demo bench clean
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +259,29 @@ async def test_second_daemon_exits_1_when_the_name_is_taken(damond: Damond) -> N
     assert proc.returncode == 1
     assert "already owned" in stderr.decode() and len(stderr.splitlines()) == 1, stderr
     assert damond.process.poll() is None  # the first one is unaffected
+
+
+async def test_a_stalled_bus_costs_snapshots_not_memory(
+    damond: Damond, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """The bus stops reading (SIGSTOP) under 1000-region snapshots every ms: the
+    daemon queues a bounded number, drops the rest, and carries on afterwards."""
+    first = await damond.signals(path=C0, interface="org.damond1.Context", member="Snapshot")
+    await configure_and_start(damond, sleeper.pid, sample_us=1000, aggr_us=1000, min=1000, max=1000)
+    await first.next(timeout=10)
+    await first.stop()
+    rss_before = psutil.Process(damond.process.pid).memory_info().rss
+    damond.bus.process.send_signal(signal.SIGSTOP)
+    try:
+        # two seconds of snapshots (~50 MB unbounded) with nowhere to go
+        await asyncio.to_thread(time.sleep, 2)
+        rss_stalled = psutil.Process(damond.process.pid).memory_info().rss
+    finally:
+        damond.bus.process.send_signal(signal.SIGCONT)
+    assert rss_stalled - rss_before < 32 * 2**20, (rss_before, rss_stalled)
+    assert await damond.get(K0, "org.damond1.Kdamond", "state") == "on"
+    reply = await call(damond.client, C0, "org.damond1.Context", "GetSnapshot")
+    assert reply.body[0] > 1000, "the kdamond did not keep sampling while the bus stalled"
+    await damond.set(K0, "org.damond1.Kdamond", "state", "s", "off")
+    assert "dropped" in damond.stderr()
+    assert "lost the connection" not in damond.stderr()
