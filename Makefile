@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# Debian packages the daemon, its build and its tests need.
-APT_PACKAGES := dbus systemd libsystemd-dev pkg-config gcc python3-dev
+# Debian packages the daemon, its build and its tests need (systemd-container:
+# the packaging test boots the unit under systemd-nspawn).
+APT_PACKAGES := dbus systemd systemd-container libsystemd-dev pkg-config gcc python3-dev
 
-.PHONY: all deps venv test lint demo bench clean
+.PHONY: all deps venv vm-image test lint demo bench clean install uninstall
 
 all: venv
 
@@ -25,7 +26,13 @@ lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
-test: venv
+# The real-kernel rig of tests/vm: a kernel with page_idle and DAMON, built
+# once per machine (about 5 minutes) and cached in /var/cache/damond-test-kernel.
+vm-image:
+	tests/vm/build-kernel >/dev/null
+	tests/vm/initramfs >/dev/null
+
+test: venv vm-image
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
@@ -38,3 +45,43 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- Installing as a system service (docs/operations.md) ---------------------
+# make install [PREFIX=/usr/local] [DESTDIR=] [DBUS_POLICY_DIR=...]
+PREFIX          ?= /usr/local
+DESTDIR         ?=
+BINDIR          := $(PREFIX)/bin
+VENVDIR         := $(PREFIX)/lib/damond
+UNITDIR         := $(PREFIX)/lib/systemd/system
+DBUS_SERVICEDIR := $(PREFIX)/share/dbus-1/system-services
+DOCDIR          := $(PREFIX)/share/doc/damond
+# The system bus reads policies only from /usr/share/dbus-1/system.d and
+# /etc/dbus-1/system.d: the first for PREFIX=/usr, the second otherwise.
+DBUS_POLICY_DIR ?= $(if $(filter /usr,$(PREFIX)),/usr/share/dbus-1/system.d,/etc/dbus-1/system.d)
+# Debian's interpreter, not pyenv's (under /root, hidden by ProtectHome=).
+SYSTEM_PYTHON   ?= /usr/bin/python3
+INSTALL_APT_PACKAGES := python3-venv python3-dev libsystemd-dev pkg-config gcc
+# The packaging files name /usr/local; this points them at PREFIX.
+SUBST := sed -e '/^\#/!s|/usr/local/bin/damond|$(BINDIR)/damond|g' \
+             -e '/^\#/!s|/usr/local/share/doc/damond|$(DOCDIR)|g'
+
+install:
+	@scripts/ensure-apt $(INSTALL_APT_PACKAGES)
+	scripts/install-venv $(SYSTEM_PYTHON) $(CURDIR) $(DESTDIR)$(VENVDIR) $(VENVDIR)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUS_SERVICEDIR) \
+		$(DESTDIR)$(DBUS_POLICY_DIR) $(DESTDIR)$(DOCDIR)
+	ln -sfn $(VENVDIR)/bin/damond $(DESTDIR)$(BINDIR)/damond
+	$(SUBST) packaging/damond.service > $(DESTDIR)$(UNITDIR)/damond.service
+	$(SUBST) packaging/org.damond1.service > $(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/damond.service $(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service
+	install -m 0644 packaging/dbus-policy.conf $(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
+	install -m 0644 docs/operations.md $(DESTDIR)$(DOCDIR)/operations.md
+	@scripts/install-hooks post-install "$(DESTDIR)"
+
+uninstall:
+	@scripts/install-hooks pre-uninstall "$(DESTDIR)"
+	rm -f $(DESTDIR)$(BINDIR)/damond $(DESTDIR)$(UNITDIR)/damond.service \
+		$(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service \
+		$(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
+	rm -rf $(DESTDIR)$(VENVDIR) $(DESTDIR)$(DOCDIR)
+	@scripts/install-hooks post-uninstall "$(DESTDIR)"

@@ -172,10 +172,12 @@ class Damond:
         )
 
 
-async def start_damond(bus: PrivateBus, client: MessageBus, tmp_path: Any) -> Damond:
+async def start_damond(
+    bus: PrivateBus, client: MessageBus, tmp_path: Any, env: dict[str, str] | None = None
+) -> Damond:
     """Start the daemon and wait for its name to appear."""
     log_path = tmp_path / "damond.log"
-    process = spawn_daemon(bus.address, log_path, "--log-level", "debug")
+    process = spawn_daemon(bus.address, log_path, "--log-level", "debug", env=env)
     daemon = Damond(bus, process, client, str(log_path))
     try:
         await wait_for_name(client, BUS_NAME, DAEMON_START_TIMEOUT)

@@ -182,13 +182,14 @@ async def test_flood_of_snapshots_to_many_subscribers(
 ) -> None:
     """20 subscribers (one never reads), 1000 regions, 1 ms aggregation, 5 s.
 
-    The subscribers live in another process (snapshot_subscribers.py), so the
+    The subscribers live in another process (rawbus.py), so the
     fixture's client, subscribed to nothing, measures the daemon's answers.
     """
     subscribers = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).with_name("snapshot_subscribers.py")),
+            str(Path(__file__).with_name("rawbus.py")),
+            "subscribe",
             damond.address,
             "19",
             "1",

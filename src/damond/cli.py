@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
+from damond import service
 from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
 from damond.hierarchy import Tree
 from damond.monitor.config import ContextConfig
@@ -116,14 +118,24 @@ class Daemon:
         adapter.attach()  # objects answer before the name is visible
         await _own_name(bus)
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
+        status = service.ServiceStatus(self.tree)
+        self.tree.listeners.append(status)
+        service.notify("READY=1")  # the name is owned and the tree exported
+        status.update()
 
         loop = asyncio.get_running_loop()
+        interval = service.watchdog_interval()
+        pinger = asyncio.ensure_future(service.watchdog(interval)) if interval else None
+        _install_stall_fault(loop)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         stopped = asyncio.ensure_future(stop.wait())
         disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
         await asyncio.wait([stopped, disconnected], return_when=asyncio.FIRST_COMPLETED)
+        service.notify("STOPPING=1")
+        if pinger is not None:
+            pinger.cancel()
         if disconnected.done():
             stopped.cancel()
             error = disconnected.exception() if not disconnected.cancelled() else None
@@ -137,13 +149,27 @@ class Daemon:
         return 0
 
 
+STALL_FAULT_ENV = "DAMOND_FAULT_STALL_S"
+
+
+def _install_stall_fault(loop: asyncio.AbstractEventLoop) -> None:
+    """Fault injection for tests: with DAMOND_FAULT_STALL_S=N set, SIGUSR1 blocks
+    the event loop for N seconds (as a hung kernel read would), so a test can
+    watch the watchdog pings stop. Off unless the variable is set."""
+    seconds = os.environ.get(STALL_FAULT_ENV)
+    if not seconds:
+        return
+
+    def stall() -> None:
+        log.warning("fault injection: blocking the event loop for %s s", seconds)
+        time.sleep(float(seconds))
+
+    loop.add_signal_handler(signal.SIGUSR1, stall)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="damond: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    service.setup_logging(args.log_level)
     try:
         return asyncio.run(Daemon().serve(args.bus))
     except Fatal as e:

@@ -424,6 +424,8 @@ class Kdamond(Node):
         super().__init__(tree, path, parent)
         self.contexts = Collection(self, "contexts", lambda p: Context(tree, p, self), 1)
         self.monitor: Monitor | None = None
+        self.running_config: ContextConfig | None = None
+        """What the monitor was last given (on or commit); None while off."""
 
     @property
     def running(self) -> bool:
@@ -488,6 +490,7 @@ class Kdamond(Node):
 
         monitor = self.tree.monitor_factory(self.name, config, on_snapshot, on_stop)
         self.monitor = monitor
+        self.running_config = config
         context.latest = None
         log.info(
             "%s on: %s/%s, %d target(s) %s",
@@ -496,7 +499,12 @@ class Kdamond(Node):
             config.access_check,
             len(config.targets),
             [t.pid for t in config.targets],
-            extra={"KDAMOND": self.name},
+            extra={
+                "KDAMOND": self.name,
+                "OPERATIONS": config.operations,
+                "ACCESS_CHECK": config.access_check,
+                "TARGET_PID": ",".join(str(t.pid) for t in config.targets),
+            },
         )
         self.tree.emit_changed(self, "kdamond", {"state": STATE_ON, "pid": os.getpid()})
 
@@ -505,6 +513,7 @@ class Kdamond(Node):
         monitor, self.monitor = self.monitor, None
         if monitor is None:
             return
+        self.running_config = None
         monitor.stop()
         log.info("%s off: %s", self.path, reason, extra={"KDAMOND": self.name})
         self.tree.emit_changed(self, "kdamond", {"state": STATE_OFF, "pid": -1})
@@ -514,6 +523,7 @@ class Kdamond(Node):
             raise InvalidArgument(self.path, "commit needs the kdamond to be on (state is off)")
         config = self._context().config()
         self.monitor.commit(config)
+        self.running_config = config
         log.info("%s commit", self.path, extra={"KDAMOND": self.name})
 
 

@@ -25,6 +25,10 @@ from dbus_fast.aio import MessageBus
 from damond import client
 
 PR_SET_PDEATHSIG = 1
+ROOT_ALLOWS_ALL = """<policy user="root">
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+  </policy>"""
 
 CONFIG_TEMPLATE = """<!DOCTYPE busconfig PUBLIC
  "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -52,10 +56,7 @@ CONFIG_TEMPLATE = """<!DOCTYPE busconfig PUBLIC
     <allow send_destination="org.freedesktop.DBus"
            send_interface="org.freedesktop.DBus.Properties"/>
   </policy>
-  <policy user="root">
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-  </policy>
+  {root_policy}
   {includes}
   <limit name="max_incoming_bytes">133169152</limit>
   <limit name="max_outgoing_bytes">133169152</limit>
@@ -113,10 +114,18 @@ def start_private_bus(
     os.chmod(directory, 0o755)  # unprivileged test clients must reach the socket
     socket_path = directory / "bus"
     includes = "\n  ".join(f"<include>{p}</include>" for p in policy_files or [])
+    # Without a service policy, root may do anything (tests of the API itself);
+    # with one, the bus is as strict as the system bus and the policy decides.
+    root_policy = "" if policy_files else ROOT_ALLOWS_ALL
     servicedirs = "\n  ".join(f"<servicedir>{d}</servicedir>" for d in service_dirs or [])
     config = directory / "bus.conf"
     config.write_text(
-        CONFIG_TEMPLATE.format(socket=socket_path, includes=includes, servicedirs=servicedirs)
+        CONFIG_TEMPLATE.format(
+            socket=socket_path,
+            includes=includes,
+            servicedirs=servicedirs,
+            root_policy=root_policy,
+        )
     )
     process = subprocess.Popen(
         [daemon, f"--config-file={config}", "--nofork", "--print-address"],
@@ -135,14 +144,20 @@ def start_private_bus(
     return PrivateBus(address=line, directory=directory, process=process)
 
 
-def spawn_daemon(address: str, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """Start `python -m damond` on a bus, its stderr going to log_path."""
+def spawn_daemon(
+    address: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `python -m damond` on a bus, its stderr going to log_path.
+
+    env adds to (does not replace) this process's environment.
+    """
     with open(log_path, "wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "damond", "--bus", address, *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
+            env={**os.environ, **(env or {})},
         )
 
 
