@@ -19,6 +19,7 @@ from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
 from damond.hierarchy import Tree
 from damond.monitor.config import ContextConfig
 from damond.monitor.kdamond import KdamondTask
+from damond.monitor.ops import kernel_damon
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger("damond")
@@ -118,6 +119,9 @@ class Daemon:
         adapter.attach()  # objects answer before the name is visible
         await _own_name(bus)
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
+        warning = kernel_damon.interference_warning()
+        if warning:
+            log.warning("%s", warning)
         status = service.ServiceStatus(self.tree)
         self.tree.listeners.append(status)
         service.notify("READY=1")  # the name is owned and the tree exported

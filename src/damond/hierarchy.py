@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from damond.errors import Busy, InvalidArgument, NoData, NotSupported
 from damond.monitor import ops
 from damond.monitor.config import Attrs, ContextConfig, TargetConfig
+from damond.monitor.ops import kernel_damon
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -506,6 +507,9 @@ class Kdamond(Node):
                 "TARGET_PID": ",".join(str(t.pid) for t in config.targets),
             },
         )
+        warning = kernel_damon.interference_warning()
+        if warning:
+            log.warning("%s: %s", self.path, warning, extra={"KDAMOND": self.name})
         self.tree.emit_changed(self, "kdamond", {"state": STATE_ON, "pid": os.getpid()})
 
     def turn_off(self, reason: str) -> None:

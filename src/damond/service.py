@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from damond.hierarchy import Context, Kdamond, Node, Tree
+from damond.monitor.ops import kernel_damon
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,12 @@ class ServiceStatus:
         self.text = ""
 
     def describe(self) -> str:
+        text = self._describe_kdamonds()
+        if kernel_damon.running_kdamonds():
+            text += "; warning: the kernel's own DAMON is running (see the log)"
+        return text
+
+    def _describe_kdamonds(self) -> str:
         running = [k for k in self.tree.kdamonds() if k.running]
         if not running:
             return f"idle: {len(self.tree.kdamonds())} kdamond(s), none on"
