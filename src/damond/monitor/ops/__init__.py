@@ -8,7 +8,6 @@ Tests call reset_cache() after patching PROBES or the paths.
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 from collections.abc import Callable
 from functools import cache
@@ -16,6 +15,7 @@ from functools import cache
 from damond.monitor.ops.base import AccessCheck, AddressSpace, TargetGone, Unsupported
 from damond.monitor.ops.clear_refs import ClearRefsAccess
 from damond.monitor.ops.paddr import PaddrSpace
+from damond.monitor.ops.page_idle import PageIdleAccess
 from damond.monitor.ops.process import ProcessTable
 from damond.monitor.ops.vaddr import FvaddrSpace, VaddrSpace
 
@@ -46,31 +46,19 @@ SUPPORTS: dict[str, tuple[str, ...]] = {
 """Which operations each access check can serve; auto prefers the earlier one."""
 
 PAGE_IDLE_BITMAP = "/sys/kernel/mm/page_idle/bitmap"
+KPAGEFLAGS = "/proc/kpageflags"
 CLEAR_REFS = "/proc/self/clear_refs"
 SMAPS = "/proc/self/smaps"
 
-_LATER = {"page_idle": "damond.monitor.ops.page_idle:PageIdleAccess"}
-"""Access checks whose module may not exist yet (page_idle is a later issue):
-until it does, the host's page_idle counts as unavailable, with that reason."""
+IMPLEMENTATIONS: dict[str, Callable[[ProcessTable | None, int | None], AccessCheck]] = {
+    "page_idle": PageIdleAccess,
+    "clear_refs": ClearRefsAccess,
+}
 
 
 def _implementation(name: str) -> Callable[[ProcessTable | None, int | None], AccessCheck]:
-    """The class of an access check; ImportError/AttributeError when not written yet."""
-    if name == "clear_refs":
-        return ClearRefsAccess
-    module, _, attr = _LATER[name].partition(":")
-    factory: Callable[[ProcessTable | None, int | None], AccessCheck] = getattr(
-        importlib.import_module(module), attr
-    )
-    return factory
-
-
-def _implemented(name: str) -> str:
-    try:
-        _implementation(name)
-    except (ImportError, AttributeError):
-        return f"{name}: not implemented in this version of damond"
-    return ""
+    """The factory of an access check: (processes, seed) -> AccessCheck."""
+    return IMPLEMENTATIONS[name]
 
 
 def _open_reason(path: str, flags: int) -> str:
@@ -85,13 +73,20 @@ def _open_reason(path: str, flags: int) -> str:
 
 
 def probe_page_idle() -> str:
-    """'' when idle page tracking works here, else the reason."""
+    """'' when idle page tracking works here, else the reason.
+
+    The bitmap must open for reading and writing; /proc/kpageflags too, for
+    reading: without it a huge page's tails cannot be mapped to their heads.
+    """
     if not os.path.exists(PAGE_IDLE_BITMAP):
         return f"page_idle: CONFIG_IDLE_PAGE_TRACKING is not set: {PAGE_IDLE_BITMAP} missing"
     reason = _open_reason(PAGE_IDLE_BITMAP, os.O_RDWR)
     if reason:
         return f"page_idle: {reason} (needs root)"
-    return _implemented("page_idle")
+    reason = _open_reason(KPAGEFLAGS, os.O_RDONLY)
+    if reason:
+        return f"page_idle: {reason} (needed to map huge pages to their head pages)"
+    return ""
 
 
 def probe_clear_refs() -> str:
@@ -102,7 +97,7 @@ def probe_clear_refs() -> str:
         reason = _open_reason(path, flags)
         if reason:
             return f"clear_refs: {reason}"
-    return _implemented("clear_refs")
+    return ""
 
 
 PROBES: dict[str, Callable[[], str]] = {

@@ -1,0 +1,509 @@
+"""The page_idle access check: per-page accesses through /sys/kernel/mm/page_idle/bitmap.
+
+What the kernel's DAMON does with page table bits (damon_pa_mkold /
+damon_pa_young in mm/damon/paddr.c), user space does with idle page tracking
+(Documentation/admin-guide/mm/idle_page_tracking.rst): writing a page's bit to
+the bitmap clears the page's accessed bits and sets its idle flag; reading it
+later says "idle" unless the page was accessed in between.
+
+One sample of one region costs, in the common case, three small kernel calls
+plus one for the page's flags:
+
+- prepare: the sampled address's pagemap entry (vaddr/fvaddr; paddr addresses
+  are physical already), its /proc/kpageflags entry, and one 8-byte bitmap
+  write with only the sampled page's bit set (zero bits are ignored by the
+  kernel, so neighbours are left alone);
+- check: one 8-byte bitmap read.
+
+The kpageflags read is what makes the answer correct rather than merely
+cheap. The kernel tracks only pages on an LRU list and only the head page of a
+compound page: a transparent huge page's tail reads "not idle" forever, which
+without the flags would count as accessed. The flags say whether the page is
+trackable (KPF_LRU) and whether it is a tail; a tail's head is found by
+walking kpageflags back (folios are naturally aligned, so the head is within
+the tail's PMD-sized block), and remembered for a while so that the next
+sample in the same huge page costs no walk.
+
+Reads and writes go to the kernel in runs: sampled entries that are close in
+the file share one pread, identical bitmap words are written and read once.
+A run is only worth it while it is short, because the kernel visits every page
+in it (a bitmap read even walks the rmap of every idle page of its words): see
+bench/page_idle.py for the measurements behind the gap constants.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import sys
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from damond.monitor.config import TargetConfig
+from damond.monitor.ops.base import TargetGone
+from damond.monitor.ops.process import ProcessHolder, ProcessTable, TargetProcess
+
+BITMAP = "/sys/kernel/mm/page_idle/bitmap"
+KPAGEFLAGS = "/proc/kpageflags"
+
+KERNEL_PAGE = mmap.PAGESIZE
+"""The kernel's page size: pagemap and the PFNs count in these (damond's PAGE_SIZE
+is DAMON's minimum region size, 4 KiB everywhere)."""
+
+ENTRY = 8
+"""Bytes per entry of pagemap and kpageflags, and per word of the idle bitmap."""
+WORD_PAGES = 64
+"""Pages per bitmap word: the bitmap is read and written in aligned u64 words."""
+FOLIO_BLOCK = KERNEL_PAGE // ENTRY
+"""Pages per PMD-sized block (512 with 4 KiB pages): no LRU folio is larger, and
+folios are naturally aligned, so a tail's head lies in the tail's block."""
+
+PM_PRESENT = 1 << 63
+PM_PFN_MASK = (1 << 55) - 1
+
+ALL_ONES = (1 << 64) - 1
+"""Fill for entries past a file's end. As a pagemap entry it cannot be real (bits
+59-60 are always 0), so "nothing read" stays recognisable; as a bitmap word it
+says idle, so a page that cannot be read back never counts as accessed."""
+
+KPF_LRU = 1 << 5
+KPF_COMPOUND_HEAD = 1 << 15
+KPF_COMPOUND_TAIL = 1 << 16
+KPF_HUGE = 1 << 17
+KPF_NOPAGE = 1 << 20
+KPF_THP = 1 << 22
+KPF_IDLE = 1 << 25
+
+PAGEMAP_GAP = 16
+"""Entries between two sampled pages up to which one pagemap pread covers both.
+An entry more costs the kernel a page table lookup: natively ~0.03 µs against
+~0.85 µs for a pread from Python; under TCG ~0.1 µs against 5-10 µs."""
+KPAGEFLAGS_GAP = 16
+"""The same for kpageflags: ~0.14 µs an entry against 5-10 µs a pread (TCG)."""
+BITMAP_WRITE_GAP = 2
+"""Words between two written words up to which one pwrite covers both: the kernel
+ignores zero bits, but still visits each page of a zero word (~2-3 µs a word
+against ~10 µs a pwrite, TCG)."""
+BITMAP_READ_GAP = 0
+"""Bitmap words are read together only when adjacent: every idle page of a word
+read costs an rmap walk (~0.6 µs each, TCG: ~47 µs for a fully idle word against
+~10 µs for a pread of a word with nothing idle)."""
+
+HEAD_CACHE_PREPARES = 100
+"""prepare() calls after which the learned tail→head spans are forgotten: a
+huge page that was split or freed and reused in a different shape is trusted
+for at most this long."""
+
+
+# --- pure helpers: numpy over entries and bitmap words ------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How sorted unique positions of an array file are fetched: one pread per run.
+
+    A run ends where the next position is more than max_gap positions away.
+    The runs' contents, concatenated, form one buffer; `index` is each
+    position's entry in it. All numpy work happens here, once, so the loop
+    over runs does nothing but the syscalls (a small numpy call costs about a
+    microsecond natively, tens under TCG: per run, it would cost more than
+    the syscall).
+    """
+
+    firsts: list[int]
+    """The first position of each run."""
+    counts: list[int]
+    """The number of entries each run reads (its gaps included)."""
+    index: np.ndarray
+
+    @classmethod
+    def of(cls, positions: np.ndarray, max_gap: int) -> Layout:
+        if not len(positions):
+            return cls([], [], np.empty(0, dtype=np.int64))
+        starts_run = np.ones(len(positions), dtype=bool)
+        starts_run[1:] = np.diff(positions) > max_gap + 1
+        run_of = np.cumsum(starts_run) - 1
+        starts = np.flatnonzero(starts_run)
+        firsts = positions[starts]
+        lasts = positions[np.append(starts[1:], len(positions)) - 1]
+        counts = lasts - firsts + np.uint64(1)
+        base = np.cumsum(counts) - counts
+        index = (base[run_of] + (positions - firsts[run_of])).astype(np.int64)
+        return cls(firsts.tolist(), counts.tolist(), index)
+
+
+def decode_pagemap(entries: np.ndarray) -> np.ndarray:
+    """PFNs of pagemap entries, 0 where no page is present (swapped, never touched).
+
+    Raises PermissionError when a present page shows PFN 0: the kernel hides
+    PFNs from readers without CAP_SYS_ADMIN (PFN 0 is never a user page).
+    """
+    entries = np.asarray(entries, dtype=np.uint64)
+    present = (entries & np.uint64(PM_PRESENT)) != 0
+    pfns = np.where(present, entries & np.uint64(PM_PFN_MASK), np.uint64(0))
+    if np.any(present & (pfns == 0)):
+        raise PermissionError(
+            errno.EPERM,
+            "pagemap shows present pages without their PFNs: "
+            "page_idle needs CAP_SYS_ADMIN (run damond as root)",
+        )
+    return pfns
+
+
+class Unique(NamedTuple):
+    """np.unique's answers, and the sort behind them."""
+
+    values: np.ndarray
+    """The unique values, sorted."""
+    inverse: np.ndarray
+    """For each input, the index of its value in values."""
+    order: np.ndarray
+    """The stable argsort of the input."""
+    starts: np.ndarray
+    """Where each value's run of equal inputs starts in the sorted input."""
+
+
+def sorted_unique(values: np.ndarray) -> Unique:
+    """np.unique(values, return_inverse=True), and more, faster on small arrays.
+
+    numpy 2's np.unique costs ~10 µs for 100 values (~300 µs under TCG); a
+    stable argsort and a mask do the same in ~2 µs.
+    """
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    inverse = np.empty(len(values), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return Unique(ordered[first], inverse, order, np.flatnonzero(first))
+
+
+def word_masks(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted unique bitmap words holding pfns and, per word, the OR of their bits.
+
+    Writing a word marks idle exactly the pages whose bits are 1 in it, so a
+    word written once with all its sampled bits does the work of many writes.
+    """
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    if not len(pfns):
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    words = pfns // np.uint64(WORD_PAGES)
+    bits = np.left_shift(np.uint64(1), pfns % np.uint64(WORD_PAGES))
+    unique = sorted_unique(words)
+    return unique.values, np.bitwise_or.reduceat(bits[unique.order], unique.starts)
+
+
+def bits_of(pfns: np.ndarray, words: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each pfn's bit (bool) from the bitmap words `words` (sorted) whose contents are values."""
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    row = np.searchsorted(words, pfns // np.uint64(WORD_PAGES))
+    shifted = np.right_shift(values[row], pfns % np.uint64(WORD_PAGES))
+    return (shifted & np.uint64(1)).astype(bool)
+
+
+def head_of(flags: np.ndarray, first: int) -> int:
+    """The head PFN of a tail, given the kpageflags of PFNs [first, tail).
+
+    The head is the nearest page before the tail that is no tail itself; -1
+    when there is none or it is no head (the folio changed under the read).
+    """
+    not_tail = np.flatnonzero((flags & np.uint64(KPF_COMPOUND_TAIL)) == 0)
+    if not len(not_tail):
+        return -1
+    last = int(not_tail[-1])
+    if not int(flags[last]) & KPF_COMPOUND_HEAD:
+        return -1
+    return first + last
+
+
+def head_candidates(pfn: int) -> list[int]:
+    """Where pfn's head can be, nearest first: pfn rounded down to each folio order."""
+    found: list[int] = []
+    size = 2
+    while size <= FOLIO_BLOCK:
+        head = pfn & ~(size - 1)
+        if head != pfn and (not found or head != found[-1]):
+            found.append(head)
+        size *= 2
+    return found
+
+
+# --- kernel file I/O ---------------------------------------------------------------------
+
+
+def pread_full(fd: int, size: int, offset: int) -> bytes:
+    """pread until size bytes or end of file: sysfs hands out at most a page per call."""
+    chunks = []
+    done = 0
+    while done < size:
+        chunk = os.pread(fd, size - done, offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
+def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite all of data: sysfs takes at most a page per call."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def read_entries(fd: int, positions: np.ndarray, max_gap: int, fill: int) -> np.ndarray:
+    """The 8-byte entries at positions (any order, repeats allowed) of an array file.
+
+    Close positions share one pread (see Layout); entries past the end of the
+    file read as fill.
+    """
+    positions = np.asarray(positions, dtype=np.uint64)
+    if not len(positions):
+        return np.empty(0, dtype=np.uint64)
+    unique = sorted_unique(positions)
+    return read_sorted(fd, unique.values, max_gap, fill)[unique.inverse]
+
+
+def read_sorted(fd: int, positions: np.ndarray, max_gap: int, fill: int) -> np.ndarray:
+    """read_entries of sorted unique positions. The loop is kept to the syscall and a
+    length check: it runs about once per sampled page."""
+    layout = Layout.of(positions, max_gap)
+    pread = os.pread
+    chunks = []
+    for first, count in zip(layout.firsts, layout.counts, strict=True):
+        size = count * ENTRY
+        data = pread(fd, size, first * ENTRY)
+        if len(data) < size:
+            data = _complete(fd, data, size, first * ENTRY, fill)
+        chunks.append(data)
+    return np.frombuffer(b"".join(chunks), dtype=np.uint64)[layout.index]
+
+
+def _complete(fd: int, data: bytes, size: int, offset: int, fill: int) -> bytes:
+    """A short read finished: read on when it got something (sysfs gives at most a page
+    per call), fill what is past the end of the file."""
+    if data:
+        data += pread_full(fd, size - len(data), offset + len(data))
+    return data + fill.to_bytes(ENTRY, sys.byteorder) * ((size - len(data)) // ENTRY)
+
+
+def write_words(fd: int, words: np.ndarray, masks: np.ndarray, max_gap: int) -> None:
+    """Write masks at bitmap words (sorted, unique); close words share one pwrite."""
+    layout = Layout.of(words, max_gap)
+    buffer = np.zeros(sum(layout.counts), dtype=np.uint64)
+    buffer[layout.index] = masks
+    data = memoryview(buffer.tobytes())
+    pwrite = os.pwrite
+    start = 0
+    for first, count in zip(layout.firsts, layout.counts, strict=True):
+        chunk = data[start : start + count * ENTRY]
+        written = pwrite(fd, chunk, first * ENTRY)
+        if written < len(chunk):
+            pwrite_full(fd, chunk[written:], first * ENTRY + written)
+        start += count * ENTRY
+
+
+# --- tails and their heads ----------------------------------------------------------------
+
+
+class HeadCache:
+    """Tail → head spans learned from kpageflags, so a huge page is walked once.
+
+    An entry head → last says that PFNs head+1..last were tails of the folio
+    at head when it was learned. Lookups try the head candidates of a tail
+    (its PFN rounded down to each folio order) nearest first. Everything is
+    forgotten every HEAD_CACHE_PREPARES prepares, which bounds both memory and
+    how long a changed folio layout can mislead.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, int] = {}
+
+    def clear(self) -> None:
+        self._last.clear()
+
+    def nearest(self, pfn: int) -> tuple[int, int] | None:
+        """(head, last known tail) of the nearest cached head that may hold pfn."""
+        for head in head_candidates(pfn):
+            last = self._last.get(head)
+            if last is not None:
+                return head, last
+        return None
+
+    def learn(self, head: int, last: int) -> None:
+        self._last[head] = max(last, self._last.get(head, last))
+
+
+def find_head(kpageflags: int, pfn: int, cache: HeadCache) -> int:
+    """The head PFN of the tail page pfn (-1 when it cannot be told).
+
+    Within a known span: no read. Beyond a known span's end: only the entries
+    after it are read (they must all be tails, else the nearest non-tail is
+    the head). Otherwise: the entries from the block's start up to pfn.
+    """
+    known = cache.nearest(pfn)
+    if known is not None and pfn <= known[1]:
+        return known[0]
+    first = known[1] + 1 if known is not None else pfn & ~(FOLIO_BLOCK - 1)
+    count = pfn - first
+    flags = np.frombuffer(pread_full(kpageflags, count * ENTRY, first * ENTRY), dtype=np.uint64)
+    if len(flags) < count:
+        return -1
+    if known is not None and not np.any((flags & np.uint64(KPF_COMPOUND_TAIL)) == 0):
+        head = known[0]
+    else:
+        head = head_of(flags, first)
+    if head >= 0:
+        cache.learn(head, pfn)
+    return head
+
+
+# --- the access check -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What prepare() marked for one target, for check() to read back."""
+
+    pid: int
+    addrs: np.ndarray
+    heads: np.ndarray
+    """The PFN whose idle bit stands for each address (the head of its folio)."""
+    words: np.ndarray
+    """The sorted unique bitmap words of the trackable heads: what check() reads."""
+    trackable: np.ndarray
+    """False where page_idle cannot tell, which counts as not accessed: no page, or
+    not on an LRU list (the zero page, hugetlb, kernel memory, pages still in a
+    per-CPU LRU batch), or no head found."""
+
+
+def open_kernel_file(path: str, flags: int) -> int:
+    """An fd of a root-only kernel file, with errors that say what is missing."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno, f"{e.strerror}: page_idle needs root (CAP_SYS_ADMIN)", path
+        ) from e
+
+
+class PageIdleAccess(ProcessHolder):
+    """Access check through idle page tracking, for vaddr, fvaddr and paddr.
+
+    A target with a pid (vaddr, fvaddr) has virtual sampling addresses,
+    translated through its pinned /proc/PID/pagemap; the paddr target (pid -1)
+    has physical ones. The pagemap fd of each process, kpageflags and the
+    bitmap stay open while the check lives.
+    """
+
+    name = "page_idle"
+
+    def __init__(self, processes: ProcessTable | None = None, seed: int | None = None) -> None:
+        super().__init__(processes)
+        self._bitmap = open_kernel_file(BITMAP, os.O_RDWR)
+        try:
+            self._kpageflags = open_kernel_file(KPAGEFLAGS, os.O_RDONLY)
+        except BaseException:
+            os.close(self._bitmap)
+            raise
+        self._prepared: dict[int, Prepared] = {}
+        """By target index: one entry per target, whatever pids commits give it."""
+        self._heads = HeadCache()
+        self._prepares = 0
+
+    def prepare(self, target: TargetConfig, addrs: np.ndarray) -> None:
+        """Mark the (head) page of each address idle; remember which for check()."""
+        addrs = np.array(addrs, dtype=np.uint64)
+        self._prepares += 1
+        if self._prepares % HEAD_CACHE_PREPARES == 0:
+            self._heads.clear()
+        heads, trackable = self._heads_of(self._pfns(target, addrs))
+        words, masks = word_masks(heads[trackable])
+        write_words(self._bitmap, words, masks, BITMAP_WRITE_GAP)
+        self._prepared[target.index] = Prepared(target.pid, addrs, heads, words, trackable)
+
+    def check(self, target: TargetConfig, addrs: np.ndarray) -> np.ndarray:
+        """Accessed = trackable and no longer idle: the kernel clears the idle flag of
+        an accessed page, or finds its accessed bit set when this read walks its rmap."""
+        prepared = self._prepared.get(target.index)
+        if (
+            prepared is None
+            or prepared.pid != target.pid
+            or not np.array_equal(prepared.addrs, addrs)
+        ):
+            raise ValueError(f"page_idle: check() of target {target.index} without its prepare()")
+        if target.pid >= 0:
+            self.processes.live(target.pid)
+        values = read_sorted(self._bitmap, prepared.words, BITMAP_READ_GAP, fill=ALL_ONES)
+        heads = prepared.heads[prepared.trackable]
+        accessed = np.zeros(len(addrs), dtype=bool)
+        accessed[prepared.trackable] = ~bits_of(heads, prepared.words, values)
+        return accessed
+
+    def close(self) -> None:
+        for attr in ("_bitmap", "_kpageflags"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+            setattr(self, attr, -1)
+        self._prepared.clear()
+        super().close()
+
+    def _pfns(self, target: TargetConfig, addrs: np.ndarray) -> np.ndarray:
+        """The PFN of each sampling address; 0 where no page is there."""
+        if target.pid < 0:
+            return addrs // np.uint64(KERNEL_PAGE)
+        proc = self.processes.live(target.pid)
+        entries = self._pagemap(proc, addrs)
+        return decode_pagemap(entries)
+
+    def _pagemap(self, proc: TargetProcess, addrs: np.ndarray) -> np.ndarray:
+        """pagemap entries of addrs; TargetGone when the process has gone meanwhile.
+
+        A pagemap fd holds the address space it was opened on: after the
+        target's execve it reads nothing, so it is opened again once.
+        """
+        vpns = addrs // np.uint64(KERNEL_PAGE)
+        entries = self._read_pagemap(proc, vpns)
+        if len(vpns) and np.all(entries == np.uint64(ALL_ONES)):  # not a byte read
+            if not proc.alive():
+                raise TargetGone(proc.pid)
+            reopen(proc, "pagemap")
+            entries = self._read_pagemap(proc, vpns)
+        return np.where(entries == np.uint64(ALL_ONES), np.uint64(0), entries)
+
+    def _read_pagemap(self, proc: TargetProcess, vpns: np.ndarray) -> np.ndarray:
+        fd = proc.fd("pagemap")
+        try:
+            return read_entries(fd, vpns, PAGEMAP_GAP, fill=ALL_ONES)
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.ENOENT):
+                raise TargetGone(proc.pid) from e
+            raise
+
+    def _heads_of(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head PFN standing for each pfn, and whether page_idle can track it."""
+        valid = pfns != 0
+        flags = np.full(len(pfns), KPF_NOPAGE, dtype=np.uint64)
+        flags[valid] = read_entries(self._kpageflags, pfns[valid], KPAGEFLAGS_GAP, KPF_NOPAGE)
+        trackable = valid & ((flags & np.uint64(KPF_LRU)) != 0)
+        heads = pfns.copy()
+        tails = trackable & ((flags & np.uint64(KPF_COMPOUND_TAIL)) != 0)
+        for i in np.flatnonzero(tails).tolist():
+            head = find_head(self._kpageflags, int(pfns[i]), self._heads)
+            trackable[i] = head >= 0
+            heads[i] = max(head, 0)
+        return heads, trackable
+
+
+def reopen(proc: TargetProcess, name: str) -> None:
+    """Drop the cached fd of a proc file so that the next use opens it anew.
+
+    TargetProcess reopens only the files it reads whole (TargetProcess.read);
+    pagemap is read in pieces, so this reaches for the same private step.
+    """
+    proc._forget(name, os.O_RDONLY)

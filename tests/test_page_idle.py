@@ -1,0 +1,489 @@
+"""page_idle on this host: its pure helpers, its I/O against stand-in files, the registry.
+
+This kernel has no idle page tracking, so the kernel's side of it is tested in
+the guest (tests/vm/test_page_idle.py). Here a regular file stands in for
+/sys/kernel/mm/page_idle/bitmap: what prepare() writes and check() reads is
+checked word by word, against the real pagemap and kpageflags of a child.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from damond.monitor import ops
+from damond.monitor.config import TargetConfig
+from damond.monitor.ops import TargetGone
+from damond.monitor.ops import page_idle as pi
+
+HEAD, TAIL, LRU = pi.KPF_COMPOUND_HEAD, pi.KPF_COMPOUND_TAIL, pi.KPF_LRU
+PAGE = pi.KERNEL_PAGE
+u64 = np.uint64
+
+
+def arr(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.uint64)
+
+
+def entries_file(tmp_path: Path, values: np.ndarray | list[int], name: str = "entries") -> int:
+    path = tmp_path / name
+    path.write_bytes(np.asarray(values, dtype=np.uint64).tobytes())
+    return os.open(path, os.O_RDWR)
+
+
+class SyscallLog:
+    """Records os.pread/os.pwrite calls as (kind, size, offset), still doing them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, max_chunk: int | None = None) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+        pread, pwrite = os.pread, os.pwrite
+
+        def logged_pread(fd: int, size: int, offset: int) -> bytes:
+            self.calls.append(("pread", size, offset))
+            return pread(fd, min(size, max_chunk or size), offset)
+
+        def logged_pwrite(fd: int, data: Any, offset: int) -> int:
+            self.calls.append(("pwrite", len(data), offset))
+            return pwrite(fd, bytes(data)[: max_chunk or len(data)], offset)
+
+        monkeypatch.setattr(os, "pread", logged_pread)
+        monkeypatch.setattr(os, "pwrite", logged_pwrite)
+
+
+# --- runs and layouts -----------------------------------------------------------------
+
+
+def test_runs_split_where_positions_are_far_apart() -> None:
+    positions = arr(3, 4, 6, 20, 21, 40)
+
+    def runs(gap: int) -> list[tuple[int, int]]:
+        layout = pi.Layout.of(positions, gap)
+        return list(zip(layout.firsts, layout.counts, strict=True))
+
+    assert runs(0) == [(3, 2), (6, 1), (20, 2), (40, 1)]
+    assert runs(1) == [(3, 4), (20, 2), (40, 1)]  # one missing between 4 and 6: read too
+    assert runs(100) == [(3, 38)]
+
+
+def test_layout_indexes_each_position_in_the_concatenated_runs() -> None:
+    rng = np.random.default_rng(0)
+    positions = np.unique(rng.integers(0, 5000, 300).astype(np.uint64))
+    for gap in (0, 3, 16, 10_000):
+        layout = pi.Layout.of(positions, gap)
+        buffer = np.concatenate(
+            [np.arange(f, f + c) for f, c in zip(layout.firsts, layout.counts, strict=True)]
+        )
+        assert buffer[layout.index].tolist() == positions.tolist()
+        assert sum(layout.counts) == len(buffer)
+    empty = pi.Layout.of(arr(), 4)
+    assert empty.firsts == [] and empty.counts == [] and len(empty.index) == 0
+
+
+def test_sorted_unique_matches_np_unique() -> None:
+    rng = np.random.default_rng(1)
+    for values in (rng.integers(0, 50, 300).astype(np.uint64), arr(7), arr()):
+        found = pi.sorted_unique(values)
+        unique, inverse = np.unique(values, return_inverse=True)
+        assert found.values.tolist() == unique.tolist()
+        assert found.inverse.tolist() == inverse.tolist()
+        assert values[found.order].tolist() == sorted(values.tolist())
+        _, starts = np.unique(values[found.order], return_index=True)
+        assert found.starts.tolist() == starts.tolist()
+
+
+# --- pagemap -----------------------------------------------------------------------------
+
+
+def test_decode_pagemap() -> None:
+    present = 1 << 63
+    swapped = (1 << 62) | 0x1234  # swap type/offset in the low bits, not a PFN
+    entries = arr(present | 0x42, 0, swapped, present | (1 << 55) | 0x99)  # soft-dirty bit
+    assert pi.decode_pagemap(entries).tolist() == [0x42, 0, 0, 0x99]
+
+
+def test_decode_pagemap_refuses_hidden_pfns() -> None:
+    with pytest.raises(PermissionError, match="CAP_SYS_ADMIN"):
+        pi.decode_pagemap(arr(1 << 63, 1 << 63))
+
+
+# --- bitmap words ------------------------------------------------------------------------
+
+
+def test_word_masks_or_the_bits_of_each_word_once() -> None:
+    words, masks = pi.word_masks(arr(130, 5, 64, 0, 5, 63, 129))
+    assert words.tolist() == [0, 1, 2]
+    assert masks.tolist() == [(1 << 0) | (1 << 5) | (1 << 63), 1 << 0, (1 << 1) | (1 << 2)]
+    words, masks = pi.word_masks(arr())
+    assert len(words) == len(masks) == 0
+
+
+def test_bits_of_reads_each_pfns_bit() -> None:
+    words = arr(0, 7)
+    values = arr(1 << 5, (1 << 63) | 1)
+    bits = pi.bits_of(arr(5, 6, 7 * 64, 7 * 64 + 63, 7 * 64 + 1), words, values)
+    assert bits.tolist() == [True, False, True, True, False]
+
+
+# --- heads of compound pages -----------------------------------------------------------
+
+
+def test_head_candidates_are_the_pfn_rounded_down_to_each_order() -> None:
+    assert pi.head_candidates(0b1011) == [0b1010, 0b1000, 0]
+    assert pi.head_candidates(1025) == [1024]
+    assert pi.head_candidates(1024) == []
+    assert len(pi.head_candidates(1023)) == 9  # 1022, 1020, ..., 512
+
+
+def test_head_of_is_the_nearest_non_tail_when_it_is_a_head() -> None:
+    flags = arr(LRU, HEAD | LRU, TAIL, TAIL, TAIL)
+    assert pi.head_of(flags, 100) == 101
+    assert pi.head_of(arr(TAIL, TAIL), 100) == -1  # the head lies further back
+    assert pi.head_of(arr(HEAD, LRU, TAIL), 100) == -1  # a small page before a tail: changing
+    assert pi.head_of(arr(), 100) == -1
+
+
+def synthetic_kpageflags() -> np.ndarray:
+    """PFNs 0-2047: a PMD-sized THP at 512, a 16-page folio at 1024, small pages elsewhere."""
+    flags = np.full(2048, LRU, dtype=np.uint64)
+    flags[512] |= HEAD
+    flags[513:1024] |= TAIL
+    flags[1024] |= HEAD
+    flags[1025:1040] |= TAIL
+    return flags
+
+
+def test_find_head_walks_back_once_then_uses_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd = entries_file(tmp_path, synthetic_kpageflags())
+    log = SyscallLog(monkeypatch)
+    cache = pi.HeadCache()
+    assert pi.find_head(fd, 700, cache) == 512
+    assert log.calls == [("pread", (700 - 512) * 8, 512 * 8)]  # block start up to the tail
+    assert pi.find_head(fd, 600, cache) == 512  # inside the known span: no read
+    assert len(log.calls) == 1
+    assert pi.find_head(fd, 900, cache) == 512  # beyond it: only the entries after it
+    assert log.calls[-1] == ("pread", (900 - 701) * 8, 701 * 8)
+    assert pi.find_head(fd, 1030, cache) == 1024  # a smaller folio in the next block
+    assert pi.find_head(fd, 1039, cache) == 1024
+    os.close(fd)
+
+
+def test_find_head_notices_a_new_folio_beyond_a_known_span(tmp_path: Path) -> None:
+    flags = synthetic_kpageflags()
+    fd = entries_file(tmp_path, flags)
+    cache = pi.HeadCache()
+    assert pi.find_head(fd, 600, cache) == 512
+    # the huge page was freed; a 64-page folio now starts at 640
+    flags[513:1024] = LRU
+    flags[640] |= HEAD
+    flags[641:704] |= TAIL
+    os.pwrite(fd, flags.tobytes(), 0)
+    assert pi.find_head(fd, 650, cache) == 640
+    os.close(fd)
+
+
+def test_find_head_gives_up_without_a_head(tmp_path: Path) -> None:
+    flags = np.full(1024, TAIL | LRU, dtype=np.uint64)
+    fd = entries_file(tmp_path, flags)
+    assert pi.find_head(fd, 700, pi.HeadCache()) == -1
+    os.close(fd)
+
+
+# --- file I/O --------------------------------------------------------------------------
+
+
+def test_read_entries_joins_close_positions_and_fills_past_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd = entries_file(tmp_path, np.arange(100, dtype=np.uint64) * 3)
+    log = SyscallLog(monkeypatch)
+    got = pi.read_entries(fd, arr(10, 5, 12, 10, 99, 150, 7), max_gap=4, fill=7777)
+    assert got.tolist() == [30, 15, 36, 30, 297, 7777, 21]
+    # [5, 7, 10, 12] in one read, 99 in another, 150 tried (the file had ended)
+    assert [(size // 8, offset // 8) for _, size, offset in log.calls] == [
+        (8, 5),
+        (1, 99),
+        (1, 150),
+    ]
+    os.close(fd)
+
+
+def test_reads_and_writes_continue_after_short_transfers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sysfs moves at most a page per call: longer transfers must loop."""
+    fd = entries_file(tmp_path, np.zeros(2000, dtype=np.uint64))
+    SyscallLog(monkeypatch, max_chunk=4096)
+    words = np.arange(1500, dtype=np.uint64)
+    pi.write_words(fd, words, words + u64(1), max_gap=0)
+    assert pi.read_entries(fd, words, max_gap=0, fill=0).tolist() == (words + u64(1)).tolist()
+    os.close(fd)
+
+
+def test_write_words_joins_close_words_with_zeros_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd = entries_file(tmp_path, np.full(64, 0xFF, dtype=np.uint64))
+    log = SyscallLog(monkeypatch)
+    pi.write_words(fd, arr(3, 5, 20), arr(1, 2, 4), max_gap=2)
+    assert [(size // 8, offset // 8) for _, size, offset in log.calls] == [(3, 3), (1, 20)]
+    content = np.frombuffer(Path(tmp_path / "entries").read_bytes(), dtype=np.uint64)
+    assert content[3:6].tolist() == [1, 0, 2]  # zero bits: the kernel leaves those pages be
+    assert content[20] == 4 and content[2] == 0xFF and content[19] == 0xFF
+    os.close(fd)
+
+
+# --- the access check against a stand-in bitmap -------------------------------------------
+
+CHILD = r"""
+import ctypes, mmap, os, sys
+buf = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+buf.madvise(mmap.MADV_NOHUGEPAGE)
+buf[0 : 8 << 20 : 4096] = b"\1" * 2048  # the first half resident, the rest never touched
+print(ctypes.addressof(ctypes.c_char.from_buffer(buf)), flush=True)
+for line in sys.stdin:
+    if line.strip() == "exec":
+        os.execv(sys.executable, [sys.executable, "-c",
+                 "import sys; print('ok', flush=True); sys.stdin.read()"])
+    print("ok", flush=True)
+"""
+
+
+class Child:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.start = int(self.stdout.readline())
+        self.target = TargetConfig(0, self.proc.pid)
+
+    def send(self, command: str) -> None:
+        self.stdin.write(command + "\n")
+        self.stdin.flush()
+        assert self.stdout.readline().strip() == "ok"
+
+    def resident(self, n: int) -> np.ndarray:
+        return self.start + np.arange(n, dtype=np.uint64) * u64(5 * PAGE) + u64(123)
+
+    def untouched(self, n: int) -> np.ndarray:
+        return self.resident(n) + u64(8 << 20)
+
+    def close(self) -> None:
+        if not self.stdin.closed:
+            self.stdin.close()
+        self.proc.wait()
+        self.stdout.close()
+
+
+@pytest.fixture
+def child() -> Iterator[Child]:
+    c = Child()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def bitmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A regular file as the idle bitmap: it keeps what is written and reads it back."""
+    path = tmp_path / "bitmap"
+    path.write_bytes(b"")
+    monkeypatch.setattr(pi, "BITMAP", str(path))
+    return path
+
+
+def pfns_of(pid: int, addrs: np.ndarray) -> np.ndarray:
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        raw = b"".join(os.pread(fd, 8, int(a) // PAGE * 8) for a in addrs)
+    finally:
+        os.close(fd)
+    return pi.decode_pagemap(np.frombuffer(raw, dtype=np.uint64))
+
+
+def bitmap_bits(path: Path, pfns: np.ndarray) -> np.ndarray:
+    words = np.frombuffer(path.read_bytes(), dtype=np.uint64)
+    index = (pfns // u64(64)).astype(np.int64)
+    inside = index < len(words)
+    bits = np.zeros(len(pfns), dtype=bool)
+    bits[inside] = (words[index[inside]] >> (pfns[inside] % u64(64))) & u64(1) == 1
+    return bits
+
+
+def clear_bits(path: Path, pfns: np.ndarray) -> None:
+    """What the kernel does to the idle flag of a page that is accessed."""
+    words = np.frombuffer(path.read_bytes(), dtype=np.uint64).copy()
+    for pfn in pfns.tolist():
+        words[pfn // 64] &= ~np.uint64(1 << (pfn % 64))
+    path.write_bytes(words.tobytes())
+
+
+def host_has_lru_pages(pfns: np.ndarray) -> bool:
+    fd = os.open(pi.KPAGEFLAGS, os.O_RDONLY)
+    try:
+        flags = pi.read_entries(fd, pfns, 0, pi.KPF_NOPAGE)
+    finally:
+        os.close(fd)
+    return bool(np.all(flags & u64(LRU)))
+
+
+def test_prepare_marks_the_sampled_pages_and_check_reads_them_back(
+    child: Child, bitmap: Path
+) -> None:
+    resident, untouched = child.resident(50), child.untouched(50)
+    pfns = pfns_of(child.proc.pid, resident)
+    assert np.all(pfns) and host_has_lru_pages(pfns)
+    addrs = np.concatenate([resident, untouched])
+    access = pi.PageIdleAccess()
+    try:
+        access.prepare(child.target, addrs)
+        assert bitmap_bits(bitmap, pfns).all()  # each resident page marked idle
+        assert not access.check(child.target, addrs).any()  # nothing cleared: all idle
+        clear_bits(bitmap, pfns[:20])  # the kernel saw 20 of them accessed
+        accessed = access.check(child.target, addrs)
+        assert accessed[:20].all() and not accessed[20:].any()  # never-present ones: never
+        with pytest.raises(ValueError, match="without its prepare"):
+            access.check(child.target, addrs[:10])
+    finally:
+        access.close()
+
+
+def test_physical_addresses_are_their_own_pfns(child: Child, bitmap: Path) -> None:
+    pfns = pfns_of(child.proc.pid, child.resident(30))
+    physical = pfns * u64(PAGE) + u64(77)
+    access = pi.PageIdleAccess()
+    try:
+        access.prepare(TargetConfig(0, -1), physical)
+        assert bitmap_bits(bitmap, pfns).all()
+        clear_bits(bitmap, pfns[::2])
+        assert access.check(TargetConfig(0, -1), physical).tolist() == [True, False] * 15
+    finally:
+        access.close()
+
+
+def test_a_target_that_exits_is_gone(child: Child, bitmap: Path) -> None:
+    addrs = child.resident(10)
+    access = pi.PageIdleAccess()
+    try:
+        access.prepare(child.target, addrs)
+        child.close()
+        with pytest.raises(TargetGone):
+            access.check(child.target, addrs)
+        with pytest.raises(TargetGone):
+            access.prepare(child.target, addrs)
+    finally:
+        access.close()
+
+
+def test_pagemap_is_reopened_after_the_target_execs(child: Child, bitmap: Path) -> None:
+    access = pi.PageIdleAccess()
+    try:
+        access.prepare(child.target, child.resident(5))  # opens and keeps its pagemap
+        child.send("exec")
+        maps = Path(f"/proc/{child.proc.pid}/maps").read_text().split("\n")[0]
+        text = int(maps.split("-")[0], 16)
+        addrs = text + np.arange(4, dtype=np.uint64) * u64(PAGE)  # the new image's text
+        access.prepare(child.target, addrs)
+        assert bitmap_bits(bitmap, pfns_of(child.proc.pid, addrs)).any()
+    finally:
+        access.close()
+
+
+def test_closing_releases_every_fd(bitmap: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    access = pi.PageIdleAccess()
+    assert fds() == before + 2
+    access.close()
+    access.close()
+    assert fds() == before
+
+
+def test_a_root_only_file_says_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(path: str, flags: int) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(PermissionError, match="needs root"):
+        pi.open_kernel_file(pi.BITMAP, os.O_RDWR)
+
+
+# --- the registry -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    ops.reset_cache()
+    yield monkeypatch
+    monkeypatch.undo()
+    ops.reset_cache()
+
+
+@pytest.mark.skipif(os.path.exists(pi.BITMAP), reason="this kernel has page_idle")
+def test_this_host_has_no_page_idle(registry: pytest.MonkeyPatch) -> None:
+    assert ops.why_unavailable("page_idle") == (
+        "page_idle: CONFIG_IDLE_PAGE_TRACKING is not set: /sys/kernel/mm/page_idle/bitmap missing"
+    )
+    assert ops.available_access_checks() == ["clear_refs"]
+    assert ops.available_operations() == ["vaddr", "fvaddr"]
+    assert ops.resolve_access_check("auto", "vaddr") == "clear_refs"
+    assert ops.why_unavailable("paddr").startswith("paddr: needs the page_idle access check")
+    with pytest.raises(ops.Unsupported, match="CONFIG_IDLE_PAGE_TRACKING"):
+        ops.make_access("page_idle")
+
+
+def stand_in_bitmap(registry: pytest.MonkeyPatch, path: Path) -> None:
+    registry.setattr(ops, "PAGE_IDLE_BITMAP", str(path))
+    registry.setattr(pi, "BITMAP", str(path))
+    ops.reset_cache()
+
+
+def test_page_idle_is_auto_and_brings_paddr_where_the_bitmap_opens(
+    registry: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "bitmap"
+    path.write_bytes(b"")
+    stand_in_bitmap(registry, path)
+    assert ops.why_unavailable("page_idle") == ""
+    assert ops.available_access_checks() == ["page_idle", "clear_refs"]
+    assert ops.available_operations() == ["vaddr", "fvaddr", "paddr"]
+    assert ops.resolve_access_check("auto", "vaddr") == "page_idle"
+    assert ops.resolve_access_check("auto", "paddr") == "page_idle"
+    table = ops.ProcessTable()
+    access = ops.make_access("page_idle", table)
+    assert isinstance(access, pi.PageIdleAccess) and access.processes is table
+    access.close()
+    table.close()
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        (lambda p: p.mkdir(), "page_idle: {p}: Is a directory (needs root)"),
+        (
+            lambda p: p.write_bytes(b""),
+            "page_idle: {k} missing (needed to map huge pages to their head pages)",
+        ),
+    ],
+)
+def test_page_idle_reasons_when_files_do_not_open(
+    registry: pytest.MonkeyPatch, tmp_path: Path, setup: Callable[[Path], Any], reason: str
+) -> None:
+    path, kpageflags = tmp_path / "bitmap", tmp_path / "kpageflags"
+    setup(path)
+    stand_in_bitmap(registry, path)
+    registry.setattr(ops, "KPAGEFLAGS", str(kpageflags))
+    ops.reset_cache()
+    assert ops.why_unavailable("page_idle") == reason.format(p=path, k=kpageflags)
+    assert "paddr" not in ops.available_operations()
