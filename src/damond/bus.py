@@ -151,7 +151,7 @@ class BusAdapter:
 
     # --- incoming calls -------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> Message | bool | None:
+    def _handle(self, msg: Message) -> bool | None:
         if msg.message_type is not MessageType.METHOD_CALL or not self._ours(msg.path):
             return None
         if msg.interface == PEER:
@@ -170,9 +170,11 @@ class BusAdapter:
             reply = Message.new_error(
                 msg, ErrorType.FAILED, "internal error (see the daemon's log)"
             )
-        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            return True
-        return reply
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            # sent here rather than returned to dbus-fast, whose own send leaves the
+            # future unconsumed: "exception never retrieved" when the bus goes away
+            busio.send(self.bus, reply)
+        return True
 
     @staticmethod
     def _ours(path: str | None) -> bool:

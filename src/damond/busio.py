@@ -60,5 +60,15 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 def send(bus: MessageBus, message: Message) -> None:
-    """Send without awaiting, and without "exception never retrieved" noise."""
-    bus.send(message).add_done_callback(_consume)
+    """Send without awaiting, and without "exception never retrieved" noise.
+
+    A connection the bus daemon has just closed can fail the send itself
+    (dbus-fast registers the closed fd with the event loop: EBADF) before
+    dbus-fast has noticed; that is the disconnection, which the daemon handles
+    where it waits for it, not an error of this message.
+    """
+    try:
+        future = bus.send(message)
+    except OSError:
+        return
+    future.add_done_callback(_consume)

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
@@ -97,12 +98,11 @@ class Daemon:
         on_snapshot: Callable[[Snapshot], None],
         on_stop: Callable[[str], None],
     ) -> KdamondTask:
-        def stopped(reason: str) -> None:
-            self.tasks.discard(task)
-            on_stop(reason)
-
-        task = KdamondTask(name, config, on_snapshot, stopped)
+        task = KdamondTask(name, config, on_snapshot, on_stop)
         self.tasks.add(task)
+        # however it ends (by itself, or cancelled by `off`): a stopped task
+        # kept here would keep its engine and regions for the daemon's lifetime
+        task.add_done_callback(lambda: self.tasks.discard(task))
         return task
 
     async def shutdown(self, reason: str) -> None:
@@ -114,6 +114,12 @@ class Daemon:
             )
 
     async def serve(self, spec: str) -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_after_disconnect)
+        # before the name is visible: a SIGTERM right after start-up is a clean stop
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         bus = await _connect(spec)
         adapter = BusAdapter(bus, self.tree)
         adapter.attach()  # objects answer before the name is visible
@@ -127,13 +133,9 @@ class Daemon:
         service.notify("READY=1")  # the name is owned and the tree exported
         status.update()
 
-        loop = asyncio.get_running_loop()
         interval = service.watchdog_interval()
         pinger = asyncio.ensure_future(service.watchdog(interval)) if interval else None
         _install_stall_fault(loop)
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         stopped = asyncio.ensure_future(stop.wait())
         disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
         await asyncio.wait([stopped, disconnected], return_when=asyncio.FIRST_COMPLETED)
@@ -151,6 +153,16 @@ class Daemon:
         adapter.detach()
         bus.disconnect()
         return 0
+
+
+def _quiet_after_disconnect(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """dbus-fast fails every message still queued when the bus goes away; futures of
+    messages nobody awaits then log "exception never retrieved" with a traceback.
+    The disconnection itself is handled (serve() exits 1 saying so): log those quietly."""
+    if isinstance(context.get("exception"), ConnectionError | EOFError):
+        log.debug("after the disconnection: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
 
 
 STALL_FAULT_ENV = "DAMOND_FAULT_STALL_S"

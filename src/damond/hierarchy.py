@@ -17,16 +17,26 @@ from typing import Any, Protocol
 
 from damond.errors import Busy, InvalidArgument, NoData, NotSupported
 from damond.monitor import ops
-from damond.monitor.config import Attrs, ContextConfig, TargetConfig
+from damond.monitor.config import PAGE_SIZE, Attrs, ContextConfig, TargetConfig
 from damond.monitor.ops import kernel_damon
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-# Resource caps, so that one client cannot exhaust the daemon (docs/dbus-api.md).
+# Resource caps, so that one client cannot exhaust the daemon (docs/dbus-api.md,
+# docs/reliability.md says why these numbers).
 MAX_KDAMONDS = 64
 MAX_TARGETS = 256
 MAX_REGIONS = 4096
+"""Region objects per target."""
+MAX_TREE_REGIONS = 16384
+"""Region objects in the whole tree: bounds the tree's memory and GetManagedObjects."""
+MAX_NR_REGIONS = 10000
+"""A context's monitoring regions: `nr_regions max`, and the regions it starts
+with (min per target, or the target's own regions). Bounds the engine's memory
+and a Snapshot (24 bytes a region: 240 KB, marshalled in about 11 ms)."""
+MAX_REGION_END = 2**64 - PAGE_SIZE
+"""A region's end must stay representable once aligned up to a page."""
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
@@ -225,6 +235,13 @@ class Target(Node):
 
     def _set_regions_nr(self, value: int) -> None:
         self._refuse_if_running("regions nr")
+        total = self.tree.count_regions() - len(self.regions.items) + value
+        if value <= MAX_REGIONS and total > MAX_TREE_REGIONS:
+            raise InvalidArgument(
+                self.path,
+                f"regions nr {value} would make {total} regions in the tree, over the limit "
+                f"of {MAX_TREE_REGIONS}",
+            )
         self.regions.resize(value)
 
 
@@ -263,7 +280,8 @@ class Context(Node):
     def _set_context_operations(self, value: str) -> None:
         if value not in ops.OPERATIONS:
             raise InvalidArgument(
-                self.path, f"operations {value!r} is not one of {', '.join(ops.OPERATIONS)}"
+                self.path,
+                f"operations {_shown(value)} is not one of {', '.join(ops.OPERATIONS)}",
             )
         if value not in ops.available_operations():
             raise NotSupported(self.path, ops.why_unavailable(value))
@@ -279,7 +297,7 @@ class Context(Node):
         known = ("auto", *ops.ACCESS_CHECKS)
         if value not in known:
             raise InvalidArgument(
-                self.path, f"access_check {value!r} is not one of {', '.join(known)}"
+                self.path, f"access_check {_shown(value)} is not one of {', '.join(known)}"
             )
         if value != "auto" and value not in ops.available_access_checks():
             raise NotSupported(self.path, ops.why_unavailable(value))
@@ -349,6 +367,12 @@ class Context(Node):
             )
         if self.update_us == 0:
             raise InvalidArgument(where, "intervals update_us must be > 0")
+        if self.max_nr_regions > MAX_NR_REGIONS:
+            raise InvalidArgument(
+                where,
+                f"nr_regions max ({self.max_nr_regions}) must be <= {MAX_NR_REGIONS} "
+                "(damond's limit)",
+            )
         if self.operations not in ops.available_operations():
             raise NotSupported(where, ops.why_unavailable(self.operations))
         try:
@@ -358,6 +382,13 @@ class Context(Node):
         except ValueError as e:
             raise InvalidArgument(where, str(e)) from None
         targets = tuple(self._target_config(i, t) for i, t in enumerate(self.targets.items))
+        initial = sum(len(t.regions) or self.min_nr_regions for t in targets)
+        if initial > MAX_NR_REGIONS:
+            raise InvalidArgument(
+                where,
+                f"would start with {initial} regions (nr_regions min or the target's own "
+                f"regions, per target), over damond's limit of {MAX_NR_REGIONS}",
+            )
         if self.operations == "vaddr" and not targets:
             raise InvalidArgument(where, "vaddr needs at least one target (targets nr is 0)")
         if self.operations == "paddr" and len(targets) > 1:
@@ -377,6 +408,10 @@ class Context(Node):
         for r, (start, end) in zip(target.regions.items, regions, strict=True):
             if start >= end:
                 raise InvalidArgument(r.path, f"start ({start:#x}) must be < end ({end:#x})")
+            if end > MAX_REGION_END:
+                raise InvalidArgument(
+                    r.path, f"end ({end:#x}) must be <= {MAX_REGION_END:#x} (the last page)"
+                )
         for (_, prev_end), r, (start, _) in zip(
             regions, target.regions.items[1:], regions[1:], strict=False
         ):
@@ -392,6 +427,13 @@ class Context(Node):
             raise InvalidArgument(target.path, f"pid {target.pid} is not a live process")
         pid = target.pid if self.operations != "paddr" else -1
         return TargetConfig(index=index, pid=pid, regions=regions)
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    """A client's string as an error message repeats it: quoted, and cut when long."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
 
 
 def _process_exists(pid: int) -> bool:
@@ -462,7 +504,9 @@ class Kdamond(Node):
         elif value == STATE_COMMIT:
             self.commit()
         else:
-            raise InvalidArgument(self.path, f"state must be on, off or commit, not {value!r}")
+            raise InvalidArgument(
+                self.path, f"state must be on, off or commit, not {_shown(value)}"
+            )
 
     def _context(self) -> Context:
         if len(self.contexts.items) != 1:
@@ -576,6 +620,17 @@ class Tree:
 
     def kdamonds(self) -> list[Kdamond]:
         return [k for k in self.root.kdamonds.items if isinstance(k, Kdamond)]
+
+    def count_regions(self) -> int:
+        """Region objects in the whole tree (for MAX_TREE_REGIONS)."""
+        return sum(
+            len(target.regions.items)
+            for kdamond in self.kdamonds()
+            for context in kdamond.contexts.items
+            if isinstance(context, Context)
+            for target in context.targets.items
+            if isinstance(target, Target)
+        )
 
     def stop_all(self, reason: str) -> None:
         for kdamond in self.kdamonds():

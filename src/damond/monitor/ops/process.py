@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+from collections.abc import Iterable
 from types import TracebackType
 
 from damond.monitor.ops.base import TargetGone
@@ -207,6 +208,14 @@ class ProcessTable:
         proc = self._procs.pop(pid, None)
         if proc is not None:
             proc.close()
+
+    def retain(self, pids: Iterable[int]) -> None:
+        """Drop every pid not in pids (after a commit replaced targets): without this a
+        long-running context whose targets are swapped by commits keeps the pidfd,
+        /proc directory and files of every pid it ever had, until it runs out of fds."""
+        keep = set(pids)
+        for pid in [p for p in self._procs if p not in keep]:
+            self.drop(pid)
 
     def close(self) -> None:
         for pid in list(self._procs):
