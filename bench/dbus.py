@@ -20,7 +20,7 @@ from typing import Any
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
-from damond.client import ROOT, connect, get_property, set_property
+from damond.client import ROOT, connect, get_property, start_kdamonds
 from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
 
 
@@ -41,23 +41,6 @@ async def _daemon() -> AsyncIterator[MessageBus]:
             daemon.terminate()
             daemon.wait(timeout=10)
             client.disconnect()
-
-
-async def _start_kdamonds(
-    client: MessageBus, pids: list[int], sample_us: int, aggr_us: int, nr_regions: int
-) -> None:
-    await set_property(client, ROOT, "org.damond1.Kdamonds", "nr", "u", len(pids))
-    for k, pid in enumerate(pids):
-        kd = f"{ROOT}/kdamonds/{k}"
-        ctx = f"{kd}/contexts/0"
-        await set_property(client, kd, "org.damond1.Contexts", "nr", "u", 1)
-        await set_property(client, ctx, "org.damond1.Targets", "nr", "u", 1)
-        await set_property(client, f"{ctx}/targets/0", "org.damond1.Target", "pid", "i", pid)
-        await set_property(client, ctx, "org.damond1.Intervals", "sample_us", "t", sample_us)
-        await set_property(client, ctx, "org.damond1.Intervals", "aggr_us", "t", aggr_us)
-        await set_property(client, ctx, "org.damond1.NrRegions", "max", "t", nr_regions)
-        await set_property(client, ctx, "org.damond1.NrRegions", "min", "t", nr_regions)
-        await set_property(client, kd, "org.damond1.Kdamond", "state", "s", "on")
 
 
 async def _get_latencies(client: MessageBus, n: int) -> list[float]:
@@ -93,7 +76,7 @@ async def snapshot_delivery(seconds: float = 5.0, aggr_us: int = 10_000) -> dict
                 )
             )
             client.add_message_handler(on_signal)
-            await _start_kdamonds(client, [sleeper.pid], 1000, aggr_us, 1000)
+            await start_kdamonds(client, [sleeper.pid], 1000, aggr_us, 1000)
             await asyncio.sleep(1.0)  # warm up: regions settle, first snapshots out
             received.clear()
             await asyncio.sleep(seconds)
@@ -120,7 +103,7 @@ async def get_latency_under_load(kdamonds: int = 4, calls: int = 2000) -> dict[s
     try:
         async with _daemon() as client:
             idle = await _get_latencies(client, calls)
-            await _start_kdamonds(client, [s.pid for s in sleepers], 5000, 100_000, 1000)
+            await start_kdamonds(client, [s.pid for s in sleepers], 5000, 100_000, 1000)
             await asyncio.sleep(1.0)
             loaded = await _get_latencies(client, calls)
     finally:

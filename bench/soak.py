@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil
 
-from damond.client import ROOT, connect, get_property, set_property
+from damond.client import ROOT, connect, get_property, start_kdamonds
 from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
 
 RULE = "type='signal',interface='org.damond1.Context',member='Snapshot'"
@@ -282,26 +282,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-async def _configure(
-    client: Any, pids: list[int], regions: int, sample_us: int, aggr_us: int
-) -> None:
-    await set_property(client, ROOT, "org.damond1.Kdamonds", "nr", "u", len(pids))
-    for k, pid in enumerate(pids):
-        kd = f"{ROOT}/kdamonds/{k}"
-        ctx = f"{kd}/contexts/0"
-        await set_property(client, kd, "org.damond1.Contexts", "nr", "u", 1)
-        await set_property(client, ctx, "org.damond1.Targets", "nr", "u", 1)
-        await set_property(client, f"{ctx}/targets/0", "org.damond1.Target", "pid", "i", pid)
-        await set_property(client, ctx, "org.damond1.Intervals", "sample_us", "t", sample_us)
-        await set_property(client, ctx, "org.damond1.Intervals", "aggr_us", "t", aggr_us)
-        await set_property(client, ctx, "org.damond1.NrRegions", "max", "t", regions)
-        await set_property(client, ctx, "org.damond1.NrRegions", "min", "t", regions)
-    for k in range(len(pids)):
-        await set_property(
-            client, f"{ROOT}/kdamonds/{k}", "org.damond1.Kdamond", "state", "s", "on"
-        )
-
-
 async def run_soak(
     duration_s: float,
     kdamonds: int = 8,
@@ -340,7 +320,7 @@ async def run_soak(
             assert subscribers.stdout is not None and subscribers.stdin is not None
             if subscribers.stdout.readline() != "ready\n":
                 raise RuntimeError("the subscriber process did not start")
-            await _configure(client, [t.pid for t in targets], regions, sample_us, aggr_us)
+            await start_kdamonds(client, [t.pid for t in targets], sample_us, aggr_us, regions)
             proc = psutil.Process(daemon.pid)
             bus_proc = psutil.Process(bus.process.pid)
             loop = asyncio.get_running_loop()

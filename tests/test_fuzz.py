@@ -20,6 +20,7 @@ from conftest import ROOT, Damond, call
 from dbus_fast import MessageType, Variant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_dbus_tree import DEFAULTS  # one table of the contract's defaults
 
 from damond.hierarchy import MAX_NR_REGIONS, MAX_REGION_END
 
@@ -79,24 +80,6 @@ def kind_of(path: str) -> str:
     depth = 0 if path == ROOT else len(path[len(ROOT) + 1 :].split("/")) // 2
     return ["root", "kdamond", "context", "target", "region"][depth]
 
-
-DEFAULTS = {
-    ("org.damond1.Kdamond", "state"): "off",
-    ("org.damond1.Kdamond", "pid"): -1,
-    ("org.damond1.Contexts", "nr"): 0,
-    ("org.damond1.Context", "operations"): "vaddr",
-    ("org.damond1.Context", "access_check"): "auto",
-    ("org.damond1.Intervals", "sample_us"): 5000,
-    ("org.damond1.Intervals", "aggr_us"): 100000,
-    ("org.damond1.Intervals", "update_us"): 60000000,
-    ("org.damond1.NrRegions", "min"): 10,
-    ("org.damond1.NrRegions", "max"): 1000,
-    ("org.damond1.Targets", "nr"): 0,
-    ("org.damond1.Target", "pid"): -1,
-    ("org.damond1.Regions", "nr"): 0,
-    ("org.damond1.Region", "start"): 0,
-    ("org.damond1.Region", "end"): 0,
-}
 
 
 # --- strategies -----------------------------------------------------------------------------
