@@ -19,7 +19,6 @@ import errno
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,23 +114,23 @@ class KdamondTask:
             processes.close()
 
     def _sample_loop(self, engine: Engine, handed: ContextConfig, processes: ProcessTable) -> str:
-        """prepare, sleep, check: as kdamond_fn, paced by absolute deadlines."""
+        """prepare, sleep sample_us, check: as kdamond_fn.
+
+        The sleep is always the whole interval, never shortened by the time
+        the sample itself took: a page must have sample_us to be accessed
+        before it is checked, or a slow sample (a large process, a slow
+        machine) would see almost nothing. So a slow sample makes sampling
+        slower, not blinder; the snapshot timestamps show it. The worker
+        sleeps (a futex wait, precise to tens of µs), not the event loop.
+        """
         engine.prepare()
-        deadline = time.monotonic()
         while not engine.done:
-            if self._stopping.is_set():
-                return "stopped"
             config = self._config
             if config is not handed:
                 engine.commit(config)
                 handed = config
-            deadline += engine.config.attrs.sample_us / 1e6
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                if self._stopping.wait(delay):
-                    return "stopped"
-            else:
-                deadline = time.monotonic()  # late: pace from now, never catch up in a burst
+            if self._stopping.wait(engine.config.attrs.sample_us / 1e6):
+                return "stopped"
             applied = engine.config
             snapshot = engine.check()
             if snapshot is not None:

@@ -248,10 +248,17 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
 
 
 def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite all of data: sysfs takes at most a page per call."""
+    """pwrite all of data: sysfs takes at most a page per call.
+
+    The kernel takes nothing of a last, partial bitmap word (max_pfn not a
+    multiple of 64): the write returns 0 there, so stop; those pages read back
+    as idle (past the end), i.e. never accessed.
+    """
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            return
         view, offset = view[written:], offset + written
 
 
