@@ -1,0 +1,636 @@
+"""damond vs the kernel's own DAMON, in the test guest (tests/vm): CPU time and accuracy.
+
+    python -m bench.guest [--json FILE]   # host: boots the guest, prints the section
+
+The guest (tests/vm/run.py: Linux 6.12 with page_idle and DAMON under QEMU TCG,
+1 vCPU) runs ``bench/guest.py --in-guest OUT.json``, which measures, in one boot,
+on the workload of tests/vm/scenarios.py (64 MiB, one mapping, 4 KiB pages,
+the first half written continuously with a 5 ms pause between passes):
+
+- accuracy: scenario 2 (hot/cold bytes classified by damond, then by the
+  kernel's DAMON, the mean of the last 5 aggregations of 2 s of DAMON time),
+  REPEATS times, and once more with transparent huge pages;
+- CPU: damond (``access_check`` auto = page_idle) for CPU_SECONDS, then the
+  kernel's kdamond for CPU_SECONDS, both at the default attributes (5 ms /
+  100 ms, 10..1000 regions) over the same workload process, plus a window with
+  no monitor. One after the other, never together: kernel DAMON marks the pages
+  it samples idle (folio_set_idle) and clears their young bits, and page_idle
+  clears the same young bits, so each would see the other's marks as "not
+  accessed" and both results would be wrong. damond's CPU is utime+stime of
+  the daemon process from /proc/PID/stat (and per thread from
+  /proc/PID/task/TID/stat), the kernel's that of the kdamond kernel thread
+  (its pid from kdamonds/0/pid);
+- where damond's CPU goes: a PROFILE_SECONDS run of the daemon under cProfile in
+  every thread (py-spy is not in the guest), by own time and by phase.
+
+µs per region per sample of the page_idle and clear_refs checks themselves is
+bench/page_idle.py's subject, not this module's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VM = REPO / "tests" / "vm"
+
+REPEATS = 3
+CPU_SECONDS = 30.0
+WARMUP_SECONDS = 5.0
+BASELINE_SECONDS = 10.0
+PROFILE_SECONDS = 15.0
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# In the guest
+# ---------------------------------------------------------------------------------------------
+
+
+def _guest_modules() -> tuple[ModuleType, ModuleType]:
+    """tests/vm/scenarios.py and kernel_damon.py (tests/ is no package)."""
+    sys.path.insert(0, str(VM))
+    import kernel_damon
+    import scenarios
+
+    return scenarios, kernel_damon
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (or one of its threads), in seconds."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def threads_cpu(pid: int) -> dict[int, float]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = cpu_seconds(pid, int(tid))
+        except OSError:
+            continue
+    return out
+
+
+class Window:
+    """CPU and workload progress over one measurement window."""
+
+    def __init__(self, workload: Any, monitor_pid: int | None) -> None:
+        self.workload = workload
+        self.monitor_pid = monitor_pid
+        self.t0 = time.monotonic()
+        self.passes0 = workload.command("stats")["passes"]
+        self.wl_cpu0 = cpu_seconds(workload.pid)
+        self.cpu0 = cpu_seconds(monitor_pid) if monitor_pid else 0.0
+        self.threads0 = threads_cpu(monitor_pid) if monitor_pid else {}
+
+    def end(self) -> dict[str, Any]:
+        seconds = time.monotonic() - self.t0
+        passes = self.workload.command("stats")["passes"] - self.passes0
+        out: dict[str, Any] = {
+            "seconds": round(seconds, 2),
+            "workload_passes_per_s": round(passes / seconds, 1),
+            "workload_cpu_s": round(cpu_seconds(self.workload.pid) - self.wl_cpu0, 2),
+        }
+        if self.monitor_pid:
+            out["monitor_cpu_s"] = round(cpu_seconds(self.monitor_pid) - self.cpu0, 2)
+            threads = threads_cpu(self.monitor_pid)
+            out["threads_cpu_s"] = {
+                ("main" if tid == self.monitor_pid else str(tid)): round(
+                    cpu - self.threads0.get(tid, 0.0), 2
+                )
+                for tid, cpu in threads.items()
+            }
+        return out
+
+
+async def measure_accuracy(scenarios: ModuleType, workdir: Path) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for i in range(REPEATS + 1):
+        thp = i == REPEATS
+        run = scenarios.Run(workdir / f"accuracy-{i}.json", "auto")
+        await scenarios.scenario_hotcold(run, thp=thp)
+        d, k = run.result.get("damond", {}), run.result.get("kernel", {})
+        rows.append(
+            {
+                "thp": thp,
+                "error": d.get("error") or k.get("error"),
+                "damond": d.get("mean_last"),
+                "kernel": k.get("mean_last"),
+                "damond_regions": d.get("nr_regions"),
+                "kernel_regions": k.get("nr_regions"),
+                "damond_samples_in_2s_wall": d.get("at_wall_2s", {}).get("samples"),
+                "damond_seconds_to_result": d.get("seconds_on_to_result"),
+                "resolved_access_check": d.get("resolved_access_check"),
+            }
+        )
+        print(f"bench.guest: accuracy {i}: {json.dumps(rows[-1])}", flush=True)
+    return {"rows": rows}
+
+
+async def measure_cpu(scenarios: ModuleType, kernel_damon: ModuleType, workdir: Path) -> Any:
+    wl = scenarios.hotcold_workload(False)
+    out: dict[str, Any] = {}
+    try:
+        await asyncio.sleep(WARMUP_SECONDS)
+        w = Window(wl, None)
+        await asyncio.sleep(BASELINE_SECONDS)
+        out["baseline"] = w.end()
+
+        record: dict[str, Any] = {}
+        async with scenarios.running_daemon(workdir, record) as d:
+            await scenarios.configure(d, wl.pid, "auto")
+            await scenarios.state(d, "on")
+            out["resolved_access_check"] = (await d.access_check_facts())["resolved_access_check"]
+            await asyncio.sleep(WARMUP_SECONDS)
+            first = await d.snapshot()
+            w = Window(wl, d.process.pid)
+            await asyncio.sleep(CPU_SECONDS)
+            last = await d.snapshot()
+            damond = w.end()
+            regions = [len(s.regions) for s in (first, last)]
+            await scenarios.state(d, "off")
+        samples = (last.seq - first.seq) * last.max_nr_accesses
+        if not samples:
+            raise RuntimeError(
+                "no aggregation during the window: damond's kdamond stalled; its log:\n"
+                + "\n".join(record.get("daemon_log_tail", []))
+            )
+        damond.update(
+            samples=samples,
+            samples_per_s=round(samples / damond["seconds"], 1),
+            cpu_ms_per_sample=round(1e3 * damond["monitor_cpu_s"] / samples, 2)
+            if samples
+            else None,
+            nr_regions=regions,
+        )
+        out["damond"] = damond
+        out["damond_daemon"] = {k: v for k, v in record.items() if k != "daemon_log_tail"}
+
+        def kernel() -> dict[str, Any]:
+            with kernel_damon.KernelDamon() as k:
+                k.setup("vaddr", pids=[wl.pid])
+                k.on()
+                time.sleep(WARMUP_SECONDS)
+                kpid = k.pid()
+                w = Window(wl, kpid)
+                time.sleep(CPU_SECONDS)
+                result = w.end()
+                result["nr_regions"] = len(k.tried_regions())
+                result["kdamond_pid"] = kpid
+            return result
+
+        kern = await asyncio.to_thread(kernel)
+        nominal = int(CPU_SECONDS * 1e6 / scenarios.DEFAULTS.sample_us)
+        kern.update(
+            samples=nominal,
+            samples_per_s=round(nominal / kern["seconds"], 1),
+            cpu_ms_per_sample=round(1e3 * kern["monitor_cpu_s"] / nominal, 3),
+        )
+        out["kernel"] = kern
+    finally:
+        wl.stop()
+    return out
+
+
+def profiled_daemon(out: str, argv: list[str]) -> int:
+    """The daemon (damond.cli.main(argv)) with a cProfile profiler in every thread."""
+    import cProfile
+    import pstats
+    import threading
+
+    profiles: list[cProfile.Profile] = []
+    lock = threading.Lock()
+
+    def start_thread_profile(*_: Any) -> None:
+        # first profile event of a new thread: hand the thread to its own profiler
+        prof = cProfile.Profile()
+        with lock:
+            profiles.append(prof)
+        prof.enable()
+
+    threading.setprofile(start_thread_profile)
+    from damond import cli
+
+    main = cProfile.Profile()
+    profiles.insert(0, main)
+    main.enable()
+    try:
+        code = cli.main(argv)
+    finally:
+        main.disable()
+        pstats.Stats(*profiles).dump_stats(out)
+    return code
+
+
+WAITING = (
+    "<method 'poll' of 'select.epoll' objects>",
+    "<built-in method time.sleep>",
+    "<method 'acquire' of '_thread.lock' objects>",
+    "<method 'acquire' of '_thread.RLock' objects>",
+    "<built-in method select.select>",
+)
+"""Blocking calls: the profiler counts time spent in them, the CPU does not."""
+
+CATEGORIES = [
+    ("page_idle access check (Python)", ("damond/monitor/ops/page_idle.py",)),
+    ("kernel files: pread/pwrite/open/read/write", ("<built-in method posix.",)),
+    ("regions: sampling, merge, split (Python)", ("damond/monitor/regions.py",)),
+    ("engine and kdamond loop (Python)", ("damond/monitor/engine.py", "damond/monitor/kdamond.py")),
+    ("target processes, address space", ("damond/monitor/ops/process.py", "ops/vaddr.py")),
+    ("numpy", ("numpy",)),
+    (
+        "D-Bus: adapter, dbus-fast, socket",
+        ("damond/bus.py", "damond/busio.py", "dbus_fast", "socket"),
+    ),
+    ("asyncio, threads", ("asyncio/", "concurrent/", "threading.py", "selectors.py")),
+]
+
+
+def profile_summary(path: str) -> dict[str, Any]:
+    """Own time by category and the top functions of a pstats file (blocking calls apart)."""
+    import pstats
+
+    stats = pstats.Stats(path)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    rows = []
+    waiting = 0.0
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in raw.items():
+        where = f"{filename}:{line}({func})" if line else f"{filename}{func}"
+        if any(w in where for w in WAITING):
+            waiting += tottime
+            continue
+        rows.append((where, ncalls, tottime, cumtime))
+    busy = sum(r[2] for r in rows) or 1.0
+    by_category: dict[str, float] = {}
+    for where, _n, tottime, _cum in rows:
+        name = "other"
+        for label, needles in CATEGORIES:
+            if any(n in where for n in needles):
+                name = label
+                break
+        by_category[name] = by_category.get(name, 0.0) + tottime
+    rows.sort(key=lambda r: -r[2])
+    entry_points = {}
+    for needle in (
+        "(prepare)",
+        "(check)",
+        "(_aggregate)",
+        "(pick_sampling_addrs)",
+        "(emit_snapshot)",
+        "(_sample)",
+    ):
+        for where, n, _tt, cum in [r for r in rows if needle in r[0] and "damond" in r[0]][:3]:
+            entry_points[where.split("/src/")[-1]] = {"calls": n, "cum_s": round(cum, 3)}
+    return {
+        "busy_seconds": round(busy, 2),
+        "waiting_seconds": round(waiting, 2),
+        "by_category": {
+            k: round(v / busy, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])
+        },
+        "top": [
+            {
+                "function": w.split("/site-packages/")[-1].split("/src/")[-1],
+                "calls": n,
+                "own_s": round(t, 3),
+                "cum_s": round(c, 3),
+            }
+            for w, n, t, c in rows[:15]
+        ],
+        "entry_points": entry_points,
+    }
+
+
+async def measure_profile(scenarios: ModuleType, workdir: Path) -> dict[str, Any]:
+    """The daemon under cProfile (all threads) for PROFILE_SECONDS on the same workload."""
+    import subprocess
+
+    from damond import client
+    from damond.privatebus import start_private_bus, wait_for_name
+
+    wl = scenarios.hotcold_workload(False)
+    prof = workdir / "damond.prof"
+    bus = start_private_bus()
+    conn = None
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        with open(workdir / "damond-profiled.log", "wb") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "profiled-daemon",
+                    str(prof),
+                    "--bus",
+                    bus.address,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        conn = await client.connect(bus.address)
+        await wait_for_name(conn, scenarios.BUS_NAME, scenarios.DAEMON_START_TIMEOUT)
+        d = scenarios.Daemon(bus, process, conn, workdir / "damond-profiled.log")
+        await scenarios.configure(d, wl.pid, "auto")
+        await scenarios.state(d, "on")
+        await asyncio.sleep(WARMUP_SECONDS)
+        first = await d.snapshot()
+        t0 = time.monotonic()
+        cpu0 = cpu_seconds(process.pid)
+        await asyncio.sleep(PROFILE_SECONDS)
+        last = await d.snapshot()
+        seconds = time.monotonic() - t0
+        cpu = cpu_seconds(process.pid) - cpu0
+        await scenarios.state(d, "off")
+        conn.disconnect()
+        conn = None
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise RuntimeError("the profiled daemon did not stop on SIGTERM") from None
+        samples = (last.seq - first.seq) * last.max_nr_accesses
+        summary = profile_summary(str(prof))
+        summary.update(
+            samples=samples,
+            samples_per_s=round(samples / seconds, 1),
+            cpu_ms_per_sample_profiled=round(1e3 * cpu / samples, 2) if samples else None,
+        )
+        return summary
+    finally:
+        if conn is not None:
+            conn.disconnect()
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        bus.stop()
+        wl.stop()
+
+
+async def in_guest(out: Path) -> int:
+    scenarios, kernel_damon = _guest_modules()
+    if not kernel_damon.in_test_guest():
+        print("bench/guest.py: not in the damond test guest; refusing to run", file=sys.stderr)
+        return 2
+    workdir = out.parent
+    results: dict[str, Any] = {"guest": scenarios.guest_facts()}
+    for name, coro in (
+        ("cpu", lambda: measure_cpu(scenarios, kernel_damon, workdir)),
+        ("profile", lambda: measure_profile(scenarios, workdir)),
+        ("accuracy", lambda: measure_accuracy(scenarios, workdir)),
+    ):
+        print(f"bench.guest: {name} …", flush=True)
+        t0 = time.monotonic()
+        try:
+            results[name] = await coro()
+        except Exception:
+            import traceback
+
+            results[name] = {"error": traceback.format_exc()}
+        results[name]["bench_seconds"] = round(time.monotonic() - t0, 1)
+        print(f"bench.guest: {name}: {json.dumps(results[name])[:2000]}", flush=True)
+        out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# On the host
+# ---------------------------------------------------------------------------------------------
+
+
+def _vm_run_module() -> ModuleType:
+    name = "damond_vm_run"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, VM / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(results_dir: Path | None = None) -> dict[str, Any]:
+    """Boot the test guest once and run every measurement in it (about 5 minutes)."""
+    vm = _vm_run_module()
+    rdir = Path(results_dir or tempfile.mkdtemp(prefix="damond-bench-guest-"))
+    python = REPO / ".venv" / "bin" / "python"
+    result = vm.run_in_guest(
+        [
+            str(python if python.exists() else sys.executable),
+            str(Path(__file__).resolve()),
+            "--in-guest",
+            "/results/bench.json",
+        ],
+        timeout=1800,
+        vcpus=1,
+        memory_mib=1024,
+        results_dir=rdir,
+        cwd=REPO,
+    )
+    path = rdir / "bench.json"
+    if not path.exists():
+        raise RuntimeError(f"the guest wrote no results: {result.describe()}")
+    data: dict[str, Any] = json.loads(path.read_text())
+    data["results_dir"] = str(rdir)
+    data["guest_run_seconds"] = round(result.seconds, 1)
+    return data
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+PHASES = [
+    ("prepare: pagemap + kpageflags reads, bitmap writes", "monitor/engine.py", "(prepare)"),
+    ("check: bitmap reads", "monitor/engine.py", "(check)"),
+    ("  of which aggregation: merge, split, snapshot", "monitor/engine.py", "(_aggregate)"),
+    ("Snapshot signal (event loop)", "hierarchy.py", "(emit_snapshot)"),
+]
+
+
+def _phase_lines(prof: dict[str, Any]) -> list[str]:
+    """Cumulative time of the engine's phases, as shares of the busy time."""
+    busy = prof.get("busy_seconds") or 0.0
+    points = prof.get("entry_points", {})
+    lines = ["| phase (cumulative) | calls | share of busy time |", "|---|---:|---:|"]
+    for label, module, func in PHASES:
+        hit = next((v for k, v in points.items() if module in k and k.endswith(func)), None)
+        if hit and busy:
+            lines.append(f"| {label} | {hit['calls']} | {100 * hit['cum_s'] / busy:.1f} % |")
+    return [*lines, ""] if len(lines) > 2 else []
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The docs/benchmarks.md section (from `## ` on) for these results."""
+    g = results.get("guest", {})
+    cpu, prof, acc = results.get("cpu", {}), results.get("profile", {}), results.get("accuracy", {})
+    lines = [
+        "## damond vs the kernel's own DAMON (test guest)",
+        "",
+        f"Both in one boot of the test guest (tests/vm: Linux {g.get('kernel', '?')} with "
+        "page_idle and DAMON, QEMU TCG, "
+        f"{g.get('cpus', '?')} vCPU; guest Python runs about 15× slower than on the host), "
+        "`python -m bench.guest`. The workload is tests/vm/scenarios.py's: one 64 MiB "
+        "mapping of 4 KiB pages (MADV_NOHUGEPAGE), the first half written (one byte per "
+        "page per pass, a 5 ms pause between passes), the second never touched. damond "
+        "runs with `access_check` auto (resolved: "
+        f"{cpu.get('resolved_access_check', '?')}), the kernel with vaddr; both at the "
+        "default attributes (5 ms / 100 ms / 60 s, 10..1000 regions). They run one after "
+        "the other on the same workload process, never together: kernel DAMON marks the "
+        "pages it samples idle and clears their young bits, page_idle clears the same "
+        'bits, so each would take the other\'s marks for "not accessed".',
+        "",
+    ]
+    if "error" in cpu:
+        lines += ["CPU measurement failed:", "", "```", cpu["error"].strip(), "```", ""]
+    elif cpu:
+        d, k, b = cpu["damond"], cpu["kernel"], cpu["baseline"]
+        ratio = d["monitor_cpu_s"] / k["monitor_cpu_s"] if k["monitor_cpu_s"] else None
+        per_sample = (
+            d["cpu_ms_per_sample"] / k["cpu_ms_per_sample"] if k["cpu_ms_per_sample"] else None
+        )
+        threads = ", ".join(f"{t} {s:.2f} s" for t, s in d["threads_cpu_s"].items())
+        lines += [
+            f"### CPU time over {CPU_SECONDS:.0f} s of monitoring",
+            "",
+            "| | no monitor | damond | kernel kdamond |",
+            "|---|---:|---:|---:|",
+            f"| monitor CPU (utime+stime, s) | | {d['monitor_cpu_s']:.2f} "
+            f"| {k['monitor_cpu_s']:.2f} |",
+            f"| monitor CPU (% of the vCPU) | | {100 * d['monitor_cpu_s'] / d['seconds']:.1f} "
+            f"| {100 * k['monitor_cpu_s'] / k['seconds']:.2f} |",
+            f"| samples taken | | {d['samples']} | ≈{k['samples']} (nominal) |",
+            f"| samples/s (nominal 200) | | {d['samples_per_s']} | ≈{k['samples_per_s']} |",
+            f"| CPU per sample (ms) | | {d['cpu_ms_per_sample']} | {k['cpu_ms_per_sample']} |",
+            f"| regions (start, end of window) | | {d['nr_regions'][0]}, {d['nr_regions'][1]} "
+            f"| {k['nr_regions']} (end) |",
+            f"| workload passes/s | {b['workload_passes_per_s']} | "
+            f"{d['workload_passes_per_s']} | {k['workload_passes_per_s']} |",
+            "",
+            f"damond used **{ratio:.0f}×** the kdamond thread's CPU time over the same "
+            f"{CPU_SECONDS:.0f} s"
+            + (
+                f", and **{per_sample:.0f}×** per sample (it took "
+                f"{d['samples']} samples where the kernel took about {k['samples']})."
+                if per_sample
+                else "."
+            )
+            + f" By thread: {threads} (main = the event loop and D-Bus; the other is the "
+            "kdamond worker that samples). The kernel's CPU is counted in clock ticks "
+            f"(1/{TICK} s).",
+            "",
+        ]
+    if "error" in prof:
+        lines += ["Profile failed:", "", "```", prof["error"].strip(), "```", ""]
+    elif prof:
+        lines += [
+            f"### Where damond's CPU goes (cProfile in every thread, {PROFILE_SECONDS:.0f} s)",
+            "",
+            "Own time by category, blocking calls (epoll, sleep, locks) left out "
+            "(profiling slows Python down, so the shares matter, not the totals; "
+            f"{prof['samples']} samples, {prof['samples_per_s']} samples/s under the "
+            "profiler):",
+            "",
+            "| category | share of busy time |",
+            "|---|---:|",
+            *[f"| {name} | {100 * v:.1f} % |" for name, v in prof["by_category"].items()],
+            "",
+            *_phase_lines(prof),
+            "| top functions by own time | calls | own s | cumulative s |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| `{t['function']}` | {t['calls']} | {t['own_s']} | {t['cum_s']} |"
+                for t in prof["top"][:12]
+            ],
+            "",
+        ]
+    if "error" in acc:
+        lines += ["Accuracy measurement failed:", "", "```", acc["error"].strip(), "```", ""]
+    elif acc:
+        rows = acc["rows"]
+        lines += [
+            "### Accuracy: hot/cold classification, damond vs the kernel",
+            "",
+            "Share of the hot half's bytes in regions with nr_accesses > 0, and of the "
+            "cold half's in regions with nr_accesses == 0, the mean of the last 5 "
+            "aggregations of 2 s of DAMON time (400 samples; the kernel takes them in "
+            "2 s, damond in the time shown). Scenario 2 of tests/vm/test_scenarios.py "
+            "requires damond within 10 points of the kernel.",
+            "",
+            "| run | pages | damond hot % | kernel hot % | damond cold % | kernel cold % "
+            "| regions damond / kernel | damond samples in 2 s wall | damond s to 400 samples |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for i, r in enumerate(rows, 1):
+            dm, km = r["damond"] or {}, r["kernel"] or {}
+            lines.append(
+                f"| {i} | {'2 MiB THP' if r['thp'] else '4 KiB'} "
+                f"| {_pct(dm.get('hot_accessed_share'))} | {_pct(km.get('hot_accessed_share'))} "
+                f"| {_pct(dm.get('cold_idle_share'))} | {_pct(km.get('cold_idle_share'))} "
+                f"| {r['damond_regions']} / {r['kernel_regions']} "
+                f"| {r['damond_samples_in_2s_wall']} | {r['damond_seconds_to_result']} |"
+            )
+        small = [r for r in rows if not r["thp"] and r["damond"] and r["kernel"]]
+        if small:
+            hot = _mean(
+                [
+                    abs(r["damond"]["hot_accessed_share"] - r["kernel"]["hot_accessed_share"])
+                    for r in small
+                ]
+            )
+            cold = _mean(
+                [
+                    abs(r["damond"]["cold_idle_share"] - r["kernel"]["cold_idle_share"])
+                    for r in small
+                ]
+            )
+            lines += [
+                "",
+                f"Mean |damond − kernel| over the 4 KiB runs: hot {_pct(hot)} points, "
+                f"cold {_pct(cold)} points.",
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "profiled-daemon":
+        return profiled_daemon(argv[1], argv[2:])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.guest", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--in-guest", type=Path, help="(in the guest) measure, write JSON here")
+    parser.add_argument("--json", type=Path, help="(host) also write the raw results here")
+    parser.add_argument("--results", type=Path, help="(host) the guest's results directory")
+    args = parser.parse_args(argv)
+    if args.in_guest:
+        return asyncio.run(in_guest(args.in_guest))
+    results = run(args.results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
