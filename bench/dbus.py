@@ -20,7 +20,7 @@ from typing import Any
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
-from damond.client import ROOT, connect, get_property, start_kdamonds
+from damond.client import ROOT, SNAPSHOT_RULE, add_match, connect, get_property, start_kdamonds
 from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
 
 
@@ -65,16 +65,7 @@ async def snapshot_delivery(seconds: float = 5.0, aggr_us: int = 10_000) -> dict
                         (msg.body[0], time.time() * 1e6 - msg.body[1], len(msg.body[3][0][2]))
                     )
 
-            await client.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="AddMatch",
-                    signature="s",
-                    body=["type='signal',interface='org.damond1.Context',member='Snapshot'"],
-                )
-            )
+            await add_match(client, SNAPSHOT_RULE)
             client.add_message_handler(on_signal)
             await start_kdamonds(client, [sleeper.pid], 1000, aggr_us, 1000)
             await asyncio.sleep(1.0)  # warm up: regions settle, first snapshots out

@@ -9,6 +9,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from damond import busio
+from damond.client import add_match
 from damond.privatebus import PrivateBus
 
 SIGNALS = 400
@@ -31,16 +32,7 @@ async def test_a_full_send_buffer_does_not_drop_the_connection(private_bus: Priv
             if got == SIGNALS:
                 all_in.set()
 
-    await receiver.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="AddMatch",
-            signature="s",
-            body=["type='signal',member='Flood'"],
-        )
-    )
+    await add_match(receiver, "type='signal',member='Flood'")
     receiver.add_message_handler(count)
     busio.harden(sender)
     high_water = 0
