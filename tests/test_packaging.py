@@ -455,9 +455,9 @@ def test_each_capability_is_what_grants_its_access(nobodys_process: tuple[int, s
 # key=value facts.
 
 CONTAINER_CHECK = r"""#!/bin/sh
-exec >/results/log 2>&1
+exec >/.damond-results/log 2>&1
 set -x
-fact() { printf '%s=%s\n' "$1" "$2" >> /results/facts; }
+fact() { printf '%s=%s\n' "$1" "$2" >> /.damond-results/facts; }
 # await MATCH CONDITION: evaluate CONDITION on each line that dbus-monitor prints
 # for messages matching MATCH (the line is in $line), until it holds (0) or 60 s
 # pass (1). dbus-monitor also prints its own NameAcquired/NameLost.
@@ -474,7 +474,7 @@ await() {
 show() { systemctl show damond.service -p "$1" --value; }
 
 cd "$REPO"
-make install > /results/install.log 2>&1; fact install_rc $?
+make install > /.damond-results/install.log 2>&1; fact install_rc $?
 fact group "$(getent group damond | cut -d: -f1)"
 fact fragment "$(show FragmentPath)"
 fact before_first_call "$(systemctl is-active damond.service)"
@@ -532,7 +532,7 @@ systemctl stop damond.service
 fact stop_result "$(show Result)"
 systemctl enable --now damond.service
 fact enabled "$(systemctl is-enabled damond.service)"
-make uninstall > /results/uninstall.log 2>&1; fact uninstall_rc $?
+make uninstall > /.damond-results/uninstall.log 2>&1; fact uninstall_rc $?
 fact after_uninstall "$(show LoadState) $(systemctl is-active damond.service)"
 fact leftovers "$(ls -d /usr/local/bin/damond /usr/local/lib/damond \
     /usr/local/lib/systemd/system/damond.service /usr/local/share/doc/damond \
@@ -549,7 +549,7 @@ FailureAction=poweroff-force
 [Service]
 Type=oneshot
 Environment=REPO={repo}
-ExecStart=/check/check.sh
+ExecStart=/.damond-check/check.sh
 """
 
 CHECK_TARGET = """[Unit]
@@ -558,6 +558,8 @@ Requires=basic.target damond-check.service
 After=basic.target
 """
 
+# The check's own files sit at dot-paths no checkout can live under (CI clones
+# to /check/...: a bind at /check hid the repository).
 BOOT = """set -eu
 mount -t tmpfs tmpfs "$BASE/overlay"
 mkdir "$BASE/overlay/upper" "$BASE/overlay/work" "$BASE/overlay/root"
@@ -567,7 +569,7 @@ cp "$BASE/check/damond-check.service" "$BASE/check/damond-check.target" \
     "$BASE/overlay/root/etc/systemd/system/"
 exec systemd-nspawn --quiet -D "$BASE/overlay/root" --register=no --keep-unit \
     --uuid="$(tr -d - < /proc/sys/kernel/random/uuid)" --link-journal=no \
-    --bind="$REPO" --bind="$BASE/results:/results" --bind-ro="$BASE/check:/check" \
+    --bind="$REPO" --bind="$BASE/results:/.damond-results" --bind-ro="$BASE/check:/.damond-check" \
     --console=pipe -b systemd.unit=damond-check.target
 """
 
