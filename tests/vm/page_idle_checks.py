@@ -12,6 +12,7 @@ when a page is marked idle); the children write, which is never missed.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import platform
 import re
@@ -253,6 +254,65 @@ def check_not_present() -> dict[str, Any]:
         }
 
 
+SHARED_CHILD = r"""
+import ctypes, mmap, sys
+with open(sys.argv[1], "r+b") as f:
+    buf = mmap.mmap(f.fileno(), int(sys.argv[2]))
+sum(buf[0:len(buf):4096])  # mapped and read once, never again
+print(ctypes.addressof(ctypes.c_char.from_buffer(buf)), flush=True)
+sys.stdin.read()
+"""
+
+
+def check_shared() -> dict[str, Any]:
+    """(g) pages the target shares: another process's writes count, as documented.
+
+    The target maps a shmem file and reads it once; this process maps the same
+    file and writes the first half between prepare and check. page_idle answers
+    for the physical page (its read walks every mapping's accessed bit), so the
+    target's samples of that half read accessed although the target itself
+    never touched them again (the kernel's vaddr would look at the target's
+    own page-table entries only).
+    """
+    path = Path("/dev/shm/damond-shared-check")
+    with open(path, "wb") as f:
+        f.truncate(BUFFER)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHARED_CHILD, str(path), str(BUFFER)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    access = pi.PageIdleAccess(seed=0)
+    try:
+        start = int(proc.stdout.readline())
+        with open(path, "r+b") as f:
+            mine = mmap.mmap(f.fileno(), BUFFER)
+        half = BUFFER // 2
+        addrs = np.concatenate(
+            [
+                sample((start, start + half), SAMPLES, 6),
+                sample((start + half, start + BUFFER), SAMPLES, 7),
+            ]
+        )
+        target = TargetConfig(0, proc.pid)
+
+        def others_write() -> None:
+            mine[0:half:PAGE] = b"\3" * (half // PAGE)
+
+        out = {"touched": halves_report(one_sample(access, target, addrs, others_write), SAMPLES)}
+        out["quiet"] = halves_report(one_sample(access, target, addrs, lambda: None), SAMPLES)
+        mine.close()
+        return out
+    finally:
+        access.close()
+        proc.stdin.close()
+        proc.wait()
+        proc.stdout.close()
+        path.unlink()
+
+
 def raises_gone(fn: Callable[[], object]) -> str:
     """'TargetGone' when fn raises it; else what happened."""
     try:
@@ -313,6 +373,7 @@ CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
     "not_present": check_not_present,
     "exit": check_exit,
     "registry": check_registry,
+    "shared": check_shared,
 }
 
 

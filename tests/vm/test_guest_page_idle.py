@@ -119,3 +119,11 @@ def test_registry_offers_page_idle_and_paddr(guest: Guest, tmp_path: Path) -> No
     assert "paddr" in report["avail_operations"], context
     assert report["why_paddr"] == "", context
     assert report["made"] == "PageIdleAccess", context
+
+
+def test_shared_pages_answer_for_every_process(guest: Guest, tmp_path: Path) -> None:
+    """(g) docs/dbus-api.md: a page the target shares reads accessed when another process
+    wrote it (page_idle answers for the physical page, as paddr does)."""
+    report, result = run_check(guest, "shared", tmp_path)
+    assert_halves(report["touched"], "written by another process after prepare", result)
+    assert_quiet(report["quiet"], "no write at all", result)
