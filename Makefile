@@ -40,7 +40,7 @@ test: venv vm-image
 demo: venv
 	$(PY) -m damond.demo
 
-bench: venv
+bench: venv vm-image
 	$(PY) -m bench.run
 
 clean:

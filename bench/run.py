@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import clear_refs, dbus, engine
+from bench import clear_refs, dbus, engine, guest, page_idle
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -41,6 +41,13 @@ def main() -> int:
     clear_md = clear_refs.markdown(clear_refs.run())
     print("D-Bus …", file=sys.stderr)
     dbus_md = dbus.markdown(dbus.run())
+    print("page_idle vs clear_refs, in the test guest …", file=sys.stderr)
+    found = page_idle.in_vm([])
+    page_idle_md = (
+        page_idle.ops_markdown(found["kernel_ops"]) + "\n\n" + page_idle.markdown(found["rows"])
+    )
+    print("damond vs the kernel's DAMON, in the test guest …", file=sys.stderr)
+    guest_md = guest.markdown(guest.run())
     text = f"""# damond benchmarks
 
 Written by `make bench` ({Path(__file__).name}); numbers from one run.
@@ -76,6 +83,22 @@ targets (vaddr, clear_refs), dbus-fast clients. Latency is the client's
 CLOCK_REALTIME at receipt minus the snapshot's `timestamp_us`.
 
 {dbus_md}
+
+## page_idle vs clear_refs per region per sample (test guest)
+
+In the tests/vm guest: Linux {found["kernel"]} built from Debian's
+linux-source-6.12 with idle page tracking and DAMON, 1 vCPU under QEMU TCG
+(software emulation, roughly 10-20× slower than this host for Python; ratios
+between rows are what carries over), `python -m bench.page_idle --vm`. The
+target is a child with a 256 MiB resident anonymous buffer (4 KiB pages or
+THP), split into N equal regions; one sample = prepare (one random address per
+region), the child writes the first half, check. Only prepare and check are
+timed; syscalls are counted in separate rounds. clear_refs does its work once
+per sample whatever N is, so its per-region cost is its sample cost / N.
+
+{page_idle_md}
+
+{guest_md}
 """
     OUT.write_text(text)
     print(text)

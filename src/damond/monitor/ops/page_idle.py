@@ -107,10 +107,11 @@ class Layout:
 
     A run ends where the next position is more than max_gap positions away.
     The runs' contents, concatenated, form one buffer; `index` is each
-    position's entry in it. All numpy work happens here, once, so the loop
-    over runs does nothing but the syscalls (a small numpy call costs about a
-    microsecond natively, tens under TCG: per run, it would cost more than
-    the syscall).
+    position's entry in it. Worked out in one plain loop over the positions:
+    the loop over runs that follows does a syscall per run anyway, and for
+    the few dozen to few hundred regions DAMON usually keeps, a loop costs
+    less than the two dozen numpy calls the vectorised form needs (each tens
+    of µs under emulation; bench/guest.py's profile).
     """
 
     firsts: list[int]
@@ -120,19 +121,25 @@ class Layout:
     index: np.ndarray
 
     @classmethod
-    def of(cls, positions: np.ndarray, max_gap: int) -> Layout:
-        if not len(positions):
+    def of(cls, positions: np.ndarray | list[int], max_gap: int) -> Layout:
+        values = positions.tolist() if isinstance(positions, np.ndarray) else positions
+        if not values:
             return cls([], [], np.empty(0, dtype=np.int64))
-        starts_run = np.ones(len(positions), dtype=bool)
-        starts_run[1:] = np.diff(positions) > max_gap + 1
-        run_of = np.cumsum(starts_run) - 1
-        starts = np.flatnonzero(starts_run)
-        firsts = positions[starts]
-        lasts = positions[np.append(starts[1:], len(positions)) - 1]
-        counts = lasts - firsts + np.uint64(1)
-        base = np.cumsum(counts) - counts
-        index = (base[run_of] + (positions - firsts[run_of])).astype(np.int64)
-        return cls(firsts.tolist(), counts.tolist(), index)
+        limit = max_gap + 1
+        first = last = values[0]
+        firsts, counts, index = [first], [], []
+        base = 0
+        for p in values:
+            if p - last > limit:
+                count = last - first + 1
+                counts.append(count)
+                base += count
+                first = p
+                firsts.append(p)
+            index.append(base + p - first)
+            last = p
+        counts.append(last - first + 1)
+        return cls(firsts, counts, np.array(index, dtype=np.int64))
 
 
 def decode_pagemap(entries: np.ndarray) -> np.ndarray:
@@ -271,6 +278,8 @@ def read_entries(fd: int, positions: np.ndarray, max_gap: int, fill: int) -> np.
     positions = np.asarray(positions, dtype=np.uint64)
     if not len(positions):
         return np.empty(0, dtype=np.uint64)
+    if bool(np.all(positions[1:] > positions[:-1])):  # the engine's addresses: sorted already
+        return read_sorted(fd, positions, max_gap, fill)
     unique = sorted_unique(positions)
     return read_sorted(fd, unique.values, max_gap, fill)[unique.inverse]
 

@@ -1,6 +1,3 @@
-# NOT collected by make test yet (issue 3 open): hot/cold at the default intervals is flaky
-# in the TCG guest (cold share 0.44-1.0 across aggregations). Run by hand:
-#   .venv/bin/python -m pytest tests/vm/check_scenarios.py
 """damond against a real kernel, next to the kernel's own DAMON (tests/vm/scenarios.py).
 
 One guest boot per scenario group (1 vCPU: page_idle reads are deterministic
@@ -182,7 +179,8 @@ def test_moving_hot_spot_is_followed(moving: dict[str, Any]) -> None:
     assert len(moves) == 5
     lines = [
         f"slot {m['slot']}: followed after {m['followed_after_aggregations']} aggregations "
-        f"({m.get('followed_after_wall_s')} s wall)"
+        f"({m.get('followed_after_wall_s')} s wall), both at 90 % after "
+        f"{m['followed_90_after_aggregations']}"
         for m in moves
     ]
     print("[moving] " + "; ".join(lines) + f"; {d['samples_per_second']} samples/s")
