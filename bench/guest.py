@@ -498,13 +498,15 @@ def _what_dominates(shares: dict[str, float]) -> list[str]:
         f"({pct('page_idle access check (Python)')}), not the kernel calls "
         f"({pct('kernel files: pread/pwrite/open/read/write')}) and not the engine "
         f"({pct('regions: sampling, merge, split (Python)', 'engine and kdamond loop (Python)')}). "
-        "Under TCG a numpy call costs tens of µs, about as much as a pread, and "
-        "one sample makes about a hundred of them (sort, unique and run layout of "
-        "the pagemap, kpageflags and bitmap positions) for a few dozen regions. What "
-        "would cut it: one sort of the PFNs serving kpageflags and the bitmap, "
-        "skipping the sort of addresses that already arrive sorted, plain Python "
-        "instead of numpy below a hundred or so regions, and, beyond Python, a small "
-        "C helper doing a whole sample's reads and writes in one call.",
+        "Under TCG a numpy call costs tens of µs, about as much as a pread, and a "
+        "sample makes several dozen of them for a few dozen regions, plus a Python "
+        "loop step per region for each of the four files' run layouts and "
+        "syscalls. Already done: the run layout is one plain loop (it was two dozen "
+        "numpy calls, four times a sample), addresses that arrive sorted skip the "
+        "sort. What would cut more: one sort of the PFNs serving both kpageflags "
+        "and the bitmap words, and, beyond Python, a small C helper doing a whole "
+        "sample's reads and writes in one call (the kernel calls themselves are "
+        "the tenth shown above).",
         "",
     ]
 

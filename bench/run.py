@@ -94,7 +94,12 @@ target is a child with a 256 MiB resident anonymous buffer (4 KiB pages or
 THP), split into N equal regions; one sample = prepare (one random address per
 region), the child writes the first half, check. Only prepare and check are
 timed; syscalls are counted in separate rounds. clear_refs does its work once
-per sample whatever N is, so its per-region cost is its sample cost / N.
+per sample whatever N is, so its per-region cost is its sample cost / N. page_idle makes
+four kernel calls per region when the sampled pages are far apart (pagemap,
+kpageflags, one bitmap word written and read back) and about two when they are
+close (1000 regions over 256 MiB share bitmap words and runs); the kpageflags
+read is the one correctness needs: without it a THP tail (whose bit never
+reads idle) or a page off the LRU lists would count as accessed.
 
 {page_idle_md}
 
