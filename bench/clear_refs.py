@@ -12,15 +12,13 @@ small process with 20k mappings (where the text parsing dominates instead).
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from damond.monitor.config import TargetConfig
+from bench.target import ChildTarget
 from damond.monitor.ops.clear_refs import (
     ClearRefsAccess,
     parse_smaps,
@@ -70,31 +68,11 @@ def _ms(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     return (time.perf_counter() - start) * 1e3, result
 
 
-class _Target:
+class _Target(ChildTarget):
     """A child holding `size` bytes resident, re-writing them on request."""
 
     def __init__(self, size: int, huge: bool, split: int) -> None:
-        self.child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(size), "1" if huge else "0", str(split)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.child.stdin is not None and self.child.stdout is not None
-        self.stdin, self.stdout = self.child.stdin, self.child.stdout
-        self.base = int(self.stdout.readline())
-        self.config = TargetConfig(0, self.child.pid)
-
-    def touch(self) -> None:
-        self.stdin.write("touch\n")
-        self.stdin.flush()
-        assert self.stdout.readline().strip() == "ok"
-
-    def close(self) -> None:
-        self.child.kill()
-        self.child.wait()
-        self.stdin.close()
-        self.stdout.close()
+        super().__init__(CHILD, str(size), "1" if huge else "0", str(split))
 
 
 def _sample(target: _Target, access: ClearRefsAccess, addrs: np.ndarray) -> dict[str, float]:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.target import ChildTarget
 from damond.monitor.config import TargetConfig
 from damond.monitor.ops.base import AccessCheck
 from damond.monitor.ops.clear_refs import ClearRefsAccess
@@ -71,25 +72,11 @@ for line in sys.stdin:  # "touch": write the first half
 SYSCALLS = ("pread", "pwrite", "read", "write", "lseek", "open")
 
 
-class Target:
+class Target(ChildTarget):
     """A child holding SIZE bytes resident, writing the first half on request."""
 
     def __init__(self, advice: str) -> None:
-        self.child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(SIZE), advice],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.child.stdin is not None and self.child.stdout is not None
-        self.stdin, self.stdout = self.child.stdin, self.child.stdout
-        self.base = int(self.stdout.readline())
-        self.config = TargetConfig(0, self.child.pid)
-
-    def touch(self) -> None:
-        self.stdin.write("touch\n")
-        self.stdin.flush()
-        assert self.stdout.readline().strip() == "ok"
+        super().__init__(CHILD, str(SIZE), advice)
 
     def addrs(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """One random address in each of n equal regions of the buffer."""
@@ -105,12 +92,6 @@ class Target:
             os.close(fd)
         pfns = decode_pagemap(np.frombuffer(b"".join(raw), dtype=np.uint64))
         return pfns * np.uint64(KERNEL_PAGE) + addrs % np.uint64(KERNEL_PAGE)
-
-    def close(self) -> None:
-        self.child.kill()
-        self.child.wait()
-        self.stdin.close()
-        self.stdout.close()
 
 
 class Meter:

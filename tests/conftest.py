@@ -13,6 +13,7 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from damond.client import call_message as call
 from damond.privatebus import PrivateBus, spawn_daemon, start_private_bus, wait_for_name
 
 BUS_NAME = "org.damond1"
@@ -80,30 +81,6 @@ class SignalQueue:
         while not self.queue.empty():
             items.append(self.queue.get_nowait())
         return items
-
-
-async def call(
-    client: MessageBus,
-    path: str,
-    interface: str,
-    member: str,
-    signature: str = "",
-    body: list[Any] | None = None,
-    destination: str = BUS_NAME,
-) -> Message:
-    """A method call; returns the reply message, which may be an error."""
-    reply = await client.call(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
-    )
-    assert reply is not None
-    return reply
 
 
 @dataclass

@@ -10,14 +10,13 @@ import ctypes
 import errno
 import mmap
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ops_helpers import ChildProcess, assert_gone, ops_registry  # tests/ops_helpers.py
 
 from damond.monitor import ops
 from damond.monitor.config import PAGE_SIZE, TargetConfig
@@ -39,10 +38,7 @@ from damond.monitor.ops.vaddr import (
 MiB = 1 << 20
 
 CHILD = r"""
-import ctypes, mmap, os, sys
 MiB = 1 << 20
-def address(m):
-    return ctypes.addressof(ctypes.c_char.from_buffer(m))
 # Anonymous mmap objects are MAP_SHARED: each is its own shmem object, so the
 # kernel never merges them with a neighbour into one mapping.
 hot = mmap.mmap(-1, 64 * MiB)
@@ -50,51 +46,23 @@ cold = mmap.mmap(-1, 8 * MiB)
 hot.write(b"\1" * len(hot))
 cold.write(b"\1" * len(cold))  # resident and referenced before any clear
 print(address(hot), len(hot), address(cold), len(cold), flush=True)
-for line in sys.stdin:
-    cmd, *args = line.split()
-    if cmd == "touch":  # write one byte per page of hot[0:n]
-        n = int(args[0])
-        hot[0:n:4096] = b"\2" * len(range(0, n, 4096))
-    elif cmd == "exec":
-        os.execv(sys.executable, [sys.executable, "-c",
-                 "import sys; print('ok', flush=True); sys.stdin.read()"])
-    print("ok", flush=True)
+
+def touch(n):  # write one byte per page of hot[0:n]
+    n = int(n)
+    hot[0:n:4096] = b"\2" * len(range(0, n, 4096))
+
+serve(touch=touch)
 """
 
 
-class Child:
+class Child(ChildProcess):
     """A target process with a 64 MiB `hot` and an 8 MiB `cold` buffer."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.proc.stdout is not None
-        hot, hot_len, cold, cold_len = map(int, self.proc.stdout.readline().split())
-        self.pid = self.proc.pid
+        super().__init__(CHILD)
+        hot, hot_len, cold, cold_len = map(int, self.first_line.split())
         self.hot = (hot, hot + hot_len)
         self.cold = (cold, cold + cold_len)
-        self.target = TargetConfig(index=0, pid=self.pid)
-
-    def send(self, command: str) -> None:
-        """Send a command and wait until the child has carried it out."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "ok"
-
-    def exit_unreaped(self) -> None:
-        """Let the child exit and wait for it, leaving a zombie (not reaped)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
-
-    def reap(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -402,10 +370,7 @@ def test_clear_refs_target_gone(child: Child) -> None:
     try:
         access.prepare(child.target, addrs)
         child.exit_unreaped()
-        with pytest.raises(TargetGone):
-            access.check(child.target, addrs)
-        with pytest.raises(TargetGone):
-            access.prepare(child.target, addrs)
+        assert_gone(access, child.target, addrs)
         child.reap()
         with pytest.raises(TargetGone):
             access.check(child.target, addrs)
@@ -497,12 +462,7 @@ def test_paddr_space() -> None:
 # --- the registry -------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    ops.reset_cache()
-    yield monkeypatch
-    monkeypatch.undo()
-    ops.reset_cache()
+registry = pytest.fixture(ops_registry, name="registry")
 
 
 def fake_probes(monkeypatch: pytest.MonkeyPatch, **reasons: str) -> None:

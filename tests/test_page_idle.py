@@ -9,18 +9,16 @@ checked word by word, against the real pagemap and kpageflags of a child.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from ops_helpers import ChildProcess, assert_gone, ops_registry  # tests/ops_helpers.py
 
 from damond.monitor import ops
 from damond.monitor.config import TargetConfig
-from damond.monitor.ops import TargetGone
 from damond.monitor.ops import page_idle as pi
 
 HEAD, TAIL, LRU = pi.KPF_COMPOUND_HEAD, pi.KPF_COMPOUND_TAIL, pi.KPF_LRU
@@ -244,33 +242,18 @@ def test_write_words_joins_close_words_with_zeros_between(
 # --- the access check against a stand-in bitmap -------------------------------------------
 
 CHILD = r"""
-import ctypes, mmap, os, sys
 buf = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 buf.madvise(mmap.MADV_NOHUGEPAGE)
 buf[0 : 8 << 20 : 4096] = b"\1" * 2048  # the first half resident, the rest never touched
-print(ctypes.addressof(ctypes.c_char.from_buffer(buf)), flush=True)
-for line in sys.stdin:
-    if line.strip() == "exec":
-        os.execv(sys.executable, [sys.executable, "-c",
-                 "import sys; print('ok', flush=True); sys.stdin.read()"])
-    print("ok", flush=True)
+print(address(buf), flush=True)
+serve()
 """
 
 
-class Child:
+class Child(ChildProcess):
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
-        self.start = int(self.stdout.readline())
-        self.target = TargetConfig(0, self.proc.pid)
-
-    def send(self, command: str) -> None:
-        self.stdin.write(command + "\n")
-        self.stdin.flush()
-        assert self.stdout.readline().strip() == "ok"
+        super().__init__(CHILD)
+        self.start = int(self.first_line)
 
     def resident(self, n: int) -> np.ndarray:
         return self.start + np.arange(n, dtype=np.uint64) * u64(5 * PAGE) + u64(123)
@@ -278,18 +261,12 @@ class Child:
     def untouched(self, n: int) -> np.ndarray:
         return self.resident(n) + u64(8 << 20)
 
-    def close(self) -> None:
-        if not self.stdin.closed:
-            self.stdin.close()
-        self.proc.wait()
-        self.stdout.close()
-
 
 @pytest.fixture
 def child() -> Iterator[Child]:
     c = Child()
     yield c
-    c.close()
+    c.reap()
 
 
 @pytest.fixture
@@ -375,11 +352,8 @@ def test_a_target_that_exits_is_gone(child: Child, bitmap: Path) -> None:
     access = pi.PageIdleAccess()
     try:
         access.prepare(child.target, addrs)
-        child.close()
-        with pytest.raises(TargetGone):
-            access.check(child.target, addrs)
-        with pytest.raises(TargetGone):
-            access.prepare(child.target, addrs)
+        child.reap()
+        assert_gone(access, child.target, addrs)
     finally:
         access.close()
 
@@ -422,12 +396,7 @@ def test_a_root_only_file_says_what_it_needs(monkeypatch: pytest.MonkeyPatch) ->
 # --- the registry -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    ops.reset_cache()
-    yield monkeypatch
-    monkeypatch.undo()
-    ops.reset_cache()
+registry = pytest.fixture(ops_registry, name="registry")
 
 
 @pytest.mark.skipif(os.path.exists(pi.BITMAP), reason="this kernel has page_idle")

@@ -7,7 +7,8 @@ Replies that are D-Bus errors are raised as dbus_fast.DBusError, whose
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec
 
 from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -17,6 +18,8 @@ ROOT = "/org/damond1"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 SNAPSHOT_RULE = "type='signal',interface='org.damond1.Context',member='Snapshot'"
 
+P = ParamSpec("P")
+
 
 async def connect(address: str | None = None) -> MessageBus:
     """A connection to the bus at address, or to the system bus when it is None."""
@@ -25,7 +28,7 @@ async def connect(address: str | None = None) -> MessageBus:
     return await MessageBus(bus_address=address).connect()
 
 
-async def call(
+async def call_message(
     bus: MessageBus,
     path: str,
     interface: str,
@@ -33,8 +36,8 @@ async def call(
     signature: str = "",
     body: list[Any] | None = None,
     destination: str = BUS_NAME,
-) -> list[Any]:
-    """A method call's reply body; an error reply is raised as DBusError."""
+) -> Message:
+    """Send a method call and return its reply message, which may be an error."""
     reply = await bus.call(
         Message(
             destination=destination,
@@ -46,10 +49,27 @@ async def call(
         )
     )
     assert reply is not None
-    if reply.message_type is MessageType.ERROR:
-        text = reply.body[0] if reply.body else ""
-        raise DBusError(reply.error_name or "unknown", text, reply=reply)
-    return list(reply.body)
+    return reply
+
+
+def _raising(
+    send: Callable[P, Coroutine[Any, Any, Message]],
+) -> Callable[P, Coroutine[Any, Any, list[Any]]]:
+    """send, returning the reply's body instead, with an error reply raised as DBusError."""
+
+    async def call(*args: P.args, **kwargs: P.kwargs) -> list[Any]:
+        """A method call's reply body; an error reply is raised as DBusError."""
+        reply = await send(*args, **kwargs)
+        if reply.message_type is MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            raise DBusError(reply.error_name or "unknown", text, reply=reply)
+        return list(reply.body)
+
+    return call
+
+
+# call(bus, path, interface, member, signature="", body=None, destination=BUS_NAME)
+call = _raising(call_message)
 
 
 async def bus_call(

@@ -36,9 +36,11 @@ PAGE = mmap.PAGESIZE
 MIB = 1 << 20
 PROT_NONE = 0
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
+libc = ctypes.CDLL(None, use_errno=True)
+"""The C library, with the argument types of the calls made here (mmap, mprotect, munmap,
+madvise); also used by the workload of tests/vm/scenarios.py."""
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [
     ctypes.c_void_p,
     ctypes.c_size_t,
     ctypes.c_int,
@@ -46,15 +48,34 @@ _libc.mmap.argtypes = [
     ctypes.c_int,
     ctypes.c_long,
 ]
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def _check(ok: bool, what: str) -> None:
+def check_errno(ok: bool, what: str) -> None:
+    """Raise OSError from the C library's errno unless ``ok``."""
     if not ok:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def map_anonymous(
+    length: int, addr: int = 0, flags: int = 0, prot: int = mmap.PROT_READ | mmap.PROT_WRITE
+) -> int:
+    """mmap ``length`` bytes of private anonymous memory (at ``addr`` if not 0, with the
+    extra mmap ``flags``); the mapping's address."""
+    base = libc.mmap(
+        addr or None, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags, -1, 0
+    )
+    check_errno(base is not None and base != MAP_FAILED, f"mmap {length} bytes at {addr:#x}")
+    return int(base)
+
+
+def view(address: int, length: int) -> np.ndarray:
+    """The ``length`` bytes at ``address`` as a numpy byte array (no copy)."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(address))
 
 
 @dataclass
@@ -74,11 +95,7 @@ class Buffers:
 
     def close(self) -> None:
         """Unmap everything (the arrays must not be used afterwards)."""
-        _libc.munmap(self.base, self.length)
-
-
-def _view(address: int, length: int) -> np.ndarray:
-    return np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(address))
+        libc.munmap(self.base, self.length)
 
 
 def allocate(hot_bytes: int, cold_bytes: int) -> Buffers:
@@ -88,21 +105,13 @@ def allocate(hot_bytes: int, cold_bytes: int) -> Buffers:
     if hot_bytes <= 0 or cold_bytes <= 0:
         raise ValueError("both buffers need at least one page")
     length = hot_bytes + PAGE + cold_bytes
-    base = _libc.mmap(
-        None,
-        length,
-        mmap.PROT_READ | mmap.PROT_WRITE,
-        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-        -1,
-        0,
-    )
-    _check(base is not None and base != _MAP_FAILED, "mmap")
-    _check(_libc.mprotect(base + hot_bytes, PAGE, PROT_NONE) == 0, "mprotect")
+    base = map_anonymous(length)
+    check_errno(libc.mprotect(base + hot_bytes, PAGE, PROT_NONE) == 0, "mprotect")
     return Buffers(
         base=base,
         length=length,
-        hot=_view(base, hot_bytes),
-        cold=_view(base + hot_bytes + PAGE, cold_bytes),
+        hot=view(base, hot_bytes),
+        cold=view(base + hot_bytes + PAGE, cold_bytes),
     )
 
 

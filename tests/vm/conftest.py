@@ -34,6 +34,7 @@ def _load_run_module() -> ModuleType:
 
 
 vm_run = _load_run_module()
+pytest.register_assert_rewrite("guest_json")  # its run_script asserts for the tests here
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -17,9 +17,10 @@ import struct
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
+
+from guest_json import findings, outside_guest, write_report  # tests/vm/guest_json.py
 
 PAGE = mmap.PAGESIZE
 BITMAP = "/sys/kernel/mm/page_idle/bitmap"
@@ -148,13 +149,8 @@ def check_dbus_daemon() -> dict[str, Any]:
     }
 
 
-def in_test_guest() -> bool:
-    return os.environ.get("DAMOND_IN_VM") == "1" and platform.node() == "damond-vm"
-
-
 def main() -> int:
-    if not in_test_guest():
-        print("guest_smoke.py: not in the damond test guest; refusing to run", file=sys.stderr)
+    if outside_guest("guest_smoke.py"):
         return 2
     output = sys.argv[1]
     report: dict[str, Any] = {"kernel": platform.release(), "cpus": os.cpu_count()}
@@ -166,14 +162,10 @@ def main() -> int:
     }
     for name, check in checks.items():
         t0 = time.monotonic()
-        try:
-            report[name] = check()
-        except Exception:
-            report[name] = {"error": traceback.format_exc()}
+        report[name] = findings(check)
         report[name]["seconds"] = round(time.monotonic() - t0, 2)
         print(f"guest_smoke: {name}: {json.dumps(report[name])}", flush=True)
-    with open(output, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(output, report)
     return 0
 
 

@@ -18,13 +18,13 @@ import platform
 import re
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from guest_json import findings, outside_guest, write_report  # tests/vm/guest_json.py
 
 from damond.monitor import ops
 from damond.monitor.config import TargetConfig
@@ -377,23 +377,14 @@ CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
-def in_test_guest() -> bool:
-    return os.environ.get("DAMOND_IN_VM") == "1" and platform.node() == "damond-vm"
-
-
 def main() -> int:
-    if not in_test_guest():
-        print("page_idle_checks.py: not in the damond test guest; refusing", file=sys.stderr)
+    if outside_guest("page_idle_checks.py"):
         return 2
     name, output = sys.argv[1], sys.argv[2]
     report: dict[str, Any] = {"check": name, "kernel": platform.release()}
-    try:
-        report.update(CHECKS[name]())
-    except Exception:
-        report["error"] = traceback.format_exc()
+    report.update(findings(CHECKS[name]))
     print(f"page_idle_checks: {json.dumps(report)}", flush=True)
-    with open(output, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(output, report)
     return 0
 
 

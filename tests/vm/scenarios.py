@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import mmap
 import os
@@ -63,6 +62,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import kernel_damon  # noqa: E402  (tests/vm/kernel_damon.py)
+from guest_json import outside_guest  # noqa: E402  (tests/vm/guest_json.py)
 
 PAGE = 4096
 MIB = 1 << 20
@@ -110,34 +110,6 @@ def realtime_us() -> int:
 # The workload process
 # ---------------------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _map_anonymous(
-    length: int, addr: int = 0, flags: int = 0, prot: int = mmap.PROT_READ | mmap.PROT_WRITE
-) -> int:
-    base = _libc.mmap(
-        addr or None, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags, -1, 0
-    )
-    if base is None or base == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap {length} bytes at {addr:#x}: {os.strerror(err)}")
-    return int(base)
-
-
 GUARD = 64 * MIB
 """Never-accessible reservations (PROT_NONE, nothing ever present) on both sides of the
 buffer. Without them the buffer's neighbours are whatever the interpreter and its
@@ -155,14 +127,14 @@ PROT_NONE = 0
 def _map_buffer(length: int, thp: bool) -> int:
     """One anonymous mapping between two GUARD reservations; with thp, 2 MiB aligned and
     MADV_HUGEPAGE (else MADV_NOHUGEPAGE)."""
+    from damond.workload import check_errno, libc, map_anonymous
+
     align = HUGE if thp else PAGE
-    reserved = _map_anonymous(length + 2 * GUARD + align, prot=PROT_NONE)
+    reserved = map_anonymous(length + 2 * GUARD + align, prot=PROT_NONE)
     base = -(-(reserved + GUARD) // align) * align
-    _map_anonymous(length, base, MAP_FIXED)
+    map_anonymous(length, base, MAP_FIXED)
     advice = MADV_HUGEPAGE if thp else MADV_NOHUGEPAGE
-    if _libc.madvise(base, length, advice) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"madvise({advice}): {os.strerror(err)}")
+    check_errno(libc.madvise(base, length, advice) == 0, f"madvise({advice})")
     return base
 
 
@@ -184,14 +156,16 @@ def flush_tlb(scratch: int) -> None:
     real hardware a 32 MiB working set (8192 pages) evicts a TLB of a few thousand
     entries within every pass; one flush per pass stands in for that capacity.
     """
+    from damond.workload import libc
+
     length = TLB_SCRATCH_PAGES * PAGE
-    _libc.mprotect(scratch, length, mmap.PROT_READ)
-    _libc.mprotect(scratch, length, mmap.PROT_READ | mmap.PROT_WRITE)
+    libc.mprotect(scratch, length, mmap.PROT_READ)
+    libc.mprotect(scratch, length, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def workload_main(argv: Sequence[str]) -> int:
     """The workload process (see the module docstring)."""
-    import numpy as np
+    from damond.workload import libc, map_anonymous, view
 
     parser = argparse.ArgumentParser(prog="scenarios.py workload")
     parser.add_argument("--size-mib", type=int, default=64)
@@ -203,17 +177,13 @@ def workload_main(argv: Sequence[str]) -> int:
         "--no-tlb-flush", action="store_true", help="do not flush the TLB after each pass"
     )
     args = parser.parse_args(argv)
-
-    def view(addr: int, length: int) -> Any:
-        return np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(addr))
-
     size = args.size_mib * MIB
     start = _map_buffer(size, args.thp)
     buf = view(start, size)
     buf[::PAGE] = 1  # every page resident
     hot = [args.hot_offset_mib * MIB, (args.hot_offset_mib + args.hot_mib) * MIB]
     extra: list[tuple[int, int, Any]] = []  # (start, end, view) of mappings made by `map`
-    scratch = _map_anonymous(TLB_SCRATCH_PAGES * PAGE)
+    scratch = map_anonymous(TLB_SCRATCH_PAGES * PAGE)
     view(scratch, TLB_SCRATCH_PAGES * PAGE)[::PAGE] = 1
     passes = 0
 
@@ -244,8 +214,8 @@ def workload_main(argv: Sequence[str]) -> int:
         elif cmd == "map":
             addr, length = int(words[1]), int(words[2]) * MIB
             flags = MAP_FIXED_NOREPLACE if addr else 0
-            base = _map_anonymous(length, addr, flags)
-            _libc.madvise(base, length, MADV_NOHUGEPAGE)
+            base = map_anonymous(length, addr, flags)
+            libc.madvise(base, length, MADV_NOHUGEPAGE)
             v = view(base, length)
             v[::PAGE] = 1
             extra.append((base, base + length, v))
@@ -253,7 +223,7 @@ def workload_main(argv: Sequence[str]) -> int:
         elif cmd == "unmap":
             base, end, v = extra.pop()
             del v
-            _libc.munmap(base, end - base)
+            libc.munmap(base, end - base)
             reply({"unmapped": [base, end], "t_us": realtime_us()})
         elif cmd == "stats":
             reply({"passes": passes, "t_us": realtime_us()})
@@ -1241,8 +1211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample-us", type=int, help="damond's sample_us (to diagnose)")
     parser.add_argument("--aggr-us", type=int, help="damond's aggr_us (to diagnose)")
     args = parser.parse_args(argv)
-    if not kernel_damon.in_test_guest():
-        print("scenarios.py: not in the damond test guest; refusing to run", file=sys.stderr)
+    if outside_guest("scenarios.py"):
         return 2
     run = Run(args.out, args.access_check)
     if args.sample_us:

@@ -9,16 +9,12 @@ check(); 400 sampled addresses lie in each half.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from damond_vm_run import Guest, GuestResult  # tests/vm/run.py, loaded by tests/vm/conftest.py
+from guest_json import run_script  # tests/vm/guest_json.py
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 SHARE = 0.95
 """Share of the written half that must read accessed, and of the untouched half
 that must read not accessed: room for pages that are off the LRU lists
@@ -27,21 +23,7 @@ that must read not accessed: room for pages that are off the LRU lists
 
 def run_check(guest: Guest, name: str, results: Path) -> tuple[dict[str, Any], GuestResult]:
     """Boot a guest that runs one check; its JSON report and the guest's result."""
-    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
-    result = guest.run(
-        [str(python), str(HERE / "page_idle_checks.py"), name, f"/results/{name}.json"],
-        timeout=600,
-        vcpus=1,
-        memory_mib=1024,
-        results_dir=results,
-        cwd=REPO,
-    )
-    assert result.exit_code == 0, result.describe()
-    report_file = results / f"{name}.json"
-    assert report_file.exists(), f"no report from the guest\n{result.describe()}"
-    report: dict[str, Any] = json.loads(report_file.read_text())
-    assert "error" not in report, f"{report['error']}\n{result.describe()}"
-    return report, result
+    return run_script(guest, "page_idle_checks.py", [name], f"{name}.json", results)
 
 
 def assert_halves(halves: dict[str, Any], what: str, result: GuestResult) -> None:

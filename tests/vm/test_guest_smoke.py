@@ -7,17 +7,13 @@ results share and 2 vCPUs.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from damond_vm_run import Guest  # tests/vm/run.py, loaded by tests/vm/conftest.py
+from guest_json import REPO, run_script  # tests/vm/guest_json.py
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 # Pages most recently allocated sit in per-CPU LRU batches and never read
 # idle (about 18 measured); allow a margin.
 LRU_BATCH_TOLERANCE = 64
@@ -26,17 +22,7 @@ LRU_BATCH_TOLERANCE = 64
 @pytest.fixture(scope="module")
 def smoke(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     results = tmp_path_factory.mktemp("vm-smoke")
-    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
-    result = guest.run(
-        [str(python), str(HERE / "guest_smoke.py"), "/results/smoke.json"],
-        timeout=600,
-        vcpus=1,
-        memory_mib=1024,
-        results_dir=results,
-        cwd=REPO,
-    )
-    assert result.exit_code == 0, result.describe()
-    report: dict[str, Any] = json.loads((results / "smoke.json").read_text())
+    report, result = run_script(guest, "guest_smoke.py", [], "smoke.json", results)
     report["_boot_seconds"] = result.boot_seconds
     report["_seconds"] = result.seconds
     return report

@@ -22,16 +22,13 @@ resolved to it: on this kernel anything else would be a regression.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from damond_vm_run import Guest  # tests/vm/run.py, loaded by tests/vm/conftest.py
+from guest_json import run_script  # tests/vm/guest_json.py
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 SCENARIO_TIMEOUT = 1200.0
 
 HOT_SHARE = 0.9
@@ -44,20 +41,9 @@ AGGREGATIONS = 20
 
 
 def run_scenario(guest: Guest, name: str, results: Path) -> dict[str, Any]:
-    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
-    result = guest.run(
-        [str(python), str(HERE / "scenarios.py"), name, f"/results/{name}.json"],
-        timeout=SCENARIO_TIMEOUT,
-        vcpus=1,
-        memory_mib=1024,
-        results_dir=results,
-        cwd=REPO,
+    data, result = run_script(
+        guest, "scenarios.py", [name], f"{name}.json", results, timeout=SCENARIO_TIMEOUT
     )
-    assert result.exit_code == 0, result.describe()
-    out = results / f"{name}.json"
-    assert out.exists(), result.describe()
-    data: dict[str, Any] = json.loads(out.read_text())
-    assert "error" not in data, data["error"]
     data["_results_dir"] = str(results)
     print(f"\n[{name}] results in {results} (guest run {result.seconds:.0f} s)")
     return data
