@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import sys
@@ -417,21 +416,10 @@ async def in_guest(out: Path, parts: tuple[str, ...] = PARTS) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _vm_run_module() -> ModuleType:
-    name = "damond_vm_run"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, VM / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(results_dir: Path | None = None, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     """Boot the test guest once and run every measurement in it (about 5 minutes)."""
-    vm = _vm_run_module()
+    from tests.vm import run as vm  # the rig's runner (only on the host)
+
     rdir = Path(results_dir or tempfile.mkdtemp(prefix="damond-bench-guest-"))
     python = REPO / ".venv" / "bin" / "python"
     result = vm.run_in_guest(

@@ -27,7 +27,6 @@ import json
 import os
 import select
 import selectors
-import socket
 import statistics
 import struct
 import subprocess
@@ -42,8 +41,8 @@ import psutil
 
 from damond.client import ROOT, connect, get_property, start_kdamonds
 from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
+from tests import rawbus  # the stdlib-only client the policy and flood tests use
 
-RULE = "type='signal',interface='org.damond1.Context',member='Snapshot'"
 SLOW_PAUSE_S = 2.0
 """A slow subscriber reads nothing for this long, then catches up at once (a GC
 pause, a busy agent): it lags seconds behind, but keeps up on average."""
@@ -122,52 +121,11 @@ class SoakResult:
 # --- the subscriber process (standard library only) ---------------------------------------
 
 
-def _pad(buf: bytearray, n: int) -> None:
-    buf += b"\0" * (-len(buf) % n)
-
-
-def _method_call(serial: int, member: str, *args: str) -> bytes:
-    """A little-endian METHOD_CALL to the bus daemon with string arguments."""
-    fields = bytearray()
-    headers = [
-        (1, "o", "/org/freedesktop/DBus"),
-        (2, "s", "org.freedesktop.DBus"),
-        (3, "s", member),
-        (6, "s", "org.freedesktop.DBus"),
-    ]
-    if args:
-        headers.append((8, "g", "s" * len(args)))
-    for code, kind, value in headers:
-        _pad(fields, 8)
-        fields += bytes([code, 1]) + kind.encode() + b"\0"
-        if kind == "g":
-            fields += bytes([len(value)]) + value.encode() + b"\0"
-        else:
-            _pad(fields, 4)
-            fields += struct.pack("<I", len(value)) + value.encode() + b"\0"
-    body = bytearray()
-    for arg in args:
-        _pad(body, 4)
-        body += struct.pack("<I", len(arg)) + arg.encode() + b"\0"
-    header = bytearray(struct.pack("<cBBBIII", b"l", 1, 0, 1, len(body), serial, len(fields)))
-    header += fields
-    _pad(header, 8)
-    return bytes(header + body)
-
-
 class RawSubscriber:
     """One bus connection subscribed to Snapshot; parses frames, checks seq per path."""
 
     def __init__(self, address: str) -> None:
-        path = dict(kv.split("=", 1) for kv in address.split(":", 1)[1].split(","))["path"]
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-        if not self.sock.recv(4096).startswith(b"OK"):
-            raise RuntimeError("the bus refused EXTERNAL auth")
-        self.sock.sendall(
-            b"BEGIN\r\n" + _method_call(1, "Hello") + _method_call(2, "AddMatch", RULE)
-        )
+        self.sock = rawbus.connect(address, rawbus.method_call(2, "AddMatch", rawbus.RULE))
         self.sock.setblocking(False)
         self.buf = bytearray()
         self.last: dict[str, int] = {}
