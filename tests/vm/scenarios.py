@@ -978,8 +978,50 @@ async def scenario_moving(run: Run) -> None:
                     record.update(sampling_facts(last, t_on))
 
         await run.phase("damond", body)
+        await run.phase("kernel", lambda record: asyncio.to_thread(kernel_moving, wl, record))
     finally:
         wl.stop()
+
+
+def kernel_moving(wl: Workload, record: dict[str, Any]) -> None:
+    """The same moves under the guest kernel's DAMON, for the record (not asserted).
+
+    The kernel aggregates in real time, so a move's window is MONITOR_SECONDS of
+    wall time; its regions are read as often as tried_regions allows (each read
+    waits for the next aggregation and takes a few more under TCG), so the
+    follow times have that granularity.
+    """
+    moves: list[dict[str, Any]] = []
+    record["moves"] = moves
+    wl.hot = tuple(wl.command(f"move {MOVING_SLOTS[0] * MOVING_SPOT_MIB}")["hot"])
+    with kernel_damon.KernelDamon() as k:
+        k.setup("vaddr", pids=[wl.pid], attrs=DEFAULTS)
+        k.on()
+        old: tuple[int, int] | None = None
+        for n, slot in enumerate(MOVING_SLOTS):
+            if n:
+                answer = wl.command(f"move {slot * MOVING_SPOT_MIB}")
+                old, wl.hot = wl.hot, tuple(answer["hot"])
+            t_move = time.monotonic()
+            away = [old] if old else wl.cold()
+            move: dict[str, Any] = {
+                "slot": slot,
+                "followed_after_s": None,
+                "followed_90_after_s": None,
+                "trace": [],
+            }
+            moves.append(move)
+            while (elapsed := time.monotonic() - t_move) < MONITOR_SECONDS:
+                regions = [(r.start, r.end, r.nr_accesses, r.age) for r in k.tried_regions()]
+                elapsed = round(time.monotonic() - t_move, 3)
+                new_acc = share(regions, [wl.hot], accessed=True)
+                away_idle = share(regions, away, accessed=False)
+                move["trace"].append([elapsed, round(new_acc, 3), round(away_idle, 3)])
+                followed = away_idle >= FOLLOW_SHARE
+                if move["followed_90_after_s"] is None and followed and new_acc >= FOLLOW_SHARE:
+                    move["followed_90_after_s"] = elapsed
+                if move["followed_after_s"] is None and followed and new_acc >= NEW_SPOT_SHARE:
+                    move["followed_after_s"] = elapsed
 
 
 async def scenario_paddr(run: Run) -> None:

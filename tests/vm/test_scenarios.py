@@ -170,6 +170,16 @@ def test_moving_hot_spot_is_followed(moving: dict[str, Any]) -> None:
         for m in moves
     ]
     print("[moving] " + "; ".join(lines) + f"; {d['samples_per_second']} samples/s")
+    kernel = moving.get("kernel", {})
+    if "moves" in kernel:  # for the record: the kernel's DAMON on the same moves
+        print(
+            "[moving] the guest kernel's DAMON, same moves (seconds after the move, at "
+            "80 % / 90 %): "
+            + "; ".join(
+                f"slot {m['slot']}: {m['followed_after_s']} / {m['followed_90_after_s']}"
+                for m in kernel["moves"]
+            )
+        )
     for m in moves[1:]:
         followed = m["followed_after_aggregations"]
         assert followed is not None and followed <= AGGREGATIONS, (m["slot"], m["trace"])
