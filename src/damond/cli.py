@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from dbus_fast.aio import MessageBus
 from damond import service
 from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
 from damond.hierarchy import Tree
+from damond.monitor import ops
 from damond.monitor.config import ContextConfig
 from damond.monitor.kdamond import KdamondTask
 from damond.monitor.ops import kernel_damon
@@ -32,16 +34,35 @@ class Fatal(Exception):
     """A reason to exit 1, said in one line."""
 
 
+def host_support() -> str:
+    """What this host offers (for --help): each access check and operations set, and why
+    not where it cannot run (the same probes as avail_access_checks/avail_operations)."""
+    lines = ["On this host (as this user):"]
+    for name in (*ops.ACCESS_CHECKS, *ops.OPERATIONS):
+        reason = ops.why_unavailable(name)
+        kind = "access check" if name in ops.ACCESS_CHECKS else "operations"
+        said = f"no ({reason.removeprefix(name + ': ')})" if reason else "available"
+        lines.append(f"  {kind} {name}: {said}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    description = (
+        "DAMON-style data-access monitor in user space. Serves the DAMON admin tree "
+        f"(kdamonds, contexts, targets, regions) as D-Bus objects under {ROOT_PATH} with "
+        f"the bus name {BUS_NAME}, and publishes each aggregation as a Snapshot signal. "
+        "Configure and start monitoring with busctl set-property (see docs/dbus-api.md)."
+    )
     parser = argparse.ArgumentParser(
         prog="damond",
-        description=(
-            "DAMON-style data-access monitor in user space. Serves the DAMON admin tree "
-            f"(kdamonds, contexts, targets, regions) as D-Bus objects under {ROOT_PATH} with "
-            f"the bus name {BUS_NAME}, and publishes each aggregation as a Snapshot signal. "
-            "Configure and start monitoring with busctl set-property (see docs/dbus-api.md)."
-        ),
-        epilog="Exits 1 when the bus is unreachable or the name is taken; 0 on SIGTERM/SIGINT.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(description, 79),
+        epilog=textwrap.fill(
+            "Exits 1 when the bus is unreachable or the name is taken; 0 on SIGTERM/SIGINT.",
+            79,
+        )
+        + "\n\n"
+        + host_support(),
     )
     parser.add_argument(
         "--bus",
