@@ -79,19 +79,6 @@ def hot_fractions(snapshot: Snapshot, ranges: Sequence[Range], hot: Sequence[Ran
     return hot_in / hot_total, cold_in / cold_total
 
 
-def rows(regions: Regions) -> list[tuple[int, int, int, int, int]]:
-    return list(
-        zip(
-            regions.starts.tolist(),
-            regions.ends.tolist(),
-            regions.nr_accesses.tolist(),
-            regions.last_nr_accesses.tolist(),
-            regions.age.tolist(),
-            strict=True,
-        )
-    )
-
-
 def pages(*spec: tuple[int, int, int, int, int]) -> Regions:
     """Regions from (start_page, end_page, nr_accesses, last_nr_accesses, age) rows."""
     cols = list(zip(*spec, strict=True))
@@ -194,7 +181,7 @@ def test_set_regions_drops_clips_fills_and_adds() -> None:
         (50, 60, 9, 9, 9),  # outside every new range: dropped
     )
     after = set_regions(before, [(5 * P, 35 * P), (70 * P, 80 * P)])
-    assert rows(after) == [
+    assert after.rows() == [
         (5 * P, 10 * P, 5, 4, 3),  # first region clipped to the range start
         (10 * P, 20 * P, 7, 7, 2),  # kept as it was
         (20 * P, 30 * P, 0, 0, 0),  # hole filled
@@ -205,12 +192,12 @@ def test_set_regions_drops_clips_fills_and_adds() -> None:
 
 def test_set_regions_stretches_edges_to_the_range_and_aligns() -> None:
     after = set_regions(pages((10, 20, 3, 3, 1)), [(2 * P + 100, 30 * P - 100)])
-    assert rows(after) == [(2 * P, 30 * P, 3, 3, 1)]
+    assert after.rows() == [(2 * P, 30 * P, 3, 3, 1)]
 
 
 def test_set_regions_region_spanning_two_ranges_stays_in_the_first() -> None:
     after = set_regions(pages((0, 100, 4, 4, 2)), [(0, 40 * P), (60 * P, 100 * P)])
-    assert rows(after) == [(0, 40 * P, 4, 4, 2), (60 * P, 100 * P, 0, 0, 0)]
+    assert after.rows() == [(0, 40 * P, 4, 4, 2), (60 * P, 100 * P, 0, 0, 0)]
 
 
 def test_set_regions_on_nothing_makes_one_region_per_range() -> None:
@@ -230,7 +217,7 @@ def test_merge_hand_computed() -> None:
         (8, 10, 0, 0, 0),
     )
     r.merge(threshold=2, sz_limit=100 * P)
-    assert rows(r) == [
+    assert r.rows() == [
         # nr = (10*1 + 12*3) // 4 = 11, age = (6*1 + 0*3) // 4 = 1, last stays the left one's
         (0, 4 * P, 11, 10, 1),
         (4 * P, 5 * P, 20, 20, 2),
@@ -243,7 +230,7 @@ def test_merge_compares_with_the_grown_region_not_the_neighbour() -> None:
     # Each neighbour differs by 2 only, but after 0 and 2 merge into 1, 4 is 3 away.
     r = pages((0, 1, 0, 0, 0), (1, 2, 2, 2, 0), (2, 3, 4, 4, 0), (3, 4, 6, 6, 0))
     r.merge(threshold=2, sz_limit=100 * P)
-    assert [(s // P, e // P, nr) for s, e, nr, _, _ in rows(r)] == [(0, 2, 1), (2, 4, 5)]
+    assert [(s // P, e // P, nr) for s, e, nr, _, _ in r.rows()] == [(0, 2, 1), (2, 4, 5)]
 
 
 def test_merge_respects_the_size_limit() -> None:
@@ -265,9 +252,9 @@ def test_merge_matches_the_kernel_loop(seed: int) -> None:
     thres = int(rng.integers(0, 6))
     sz_limit = int(rng.integers(1, 60)) * P
     r = Regions.build(starts, starts + sizes, nr, last, age)
-    expected = kernel_merge([list(x) for x in rows(r)], thres, sz_limit)
+    expected = kernel_merge([list(x) for x in r.rows()], thres, sz_limit)
     r.merge(thres, sz_limit)
-    assert [list(x) for x in rows(r)] == expected
+    assert [list(x) for x in r.rows()] == expected
 
 
 # -- split --------------------------------------------------------------------------------------
@@ -277,7 +264,7 @@ def test_split_cuts_the_left_part_again_and_pieces_inherit() -> None:
     r = pages((0, 100, 7, 5, 3), (100, 101, 1, 1, 1))
     r.split(3, FixedRng([[7, 9], [5, 9]]))  # type: ignore[arg-type]
     # 100 pages: first cut at 70 pages, then the left 70 pages at 35; 1 page: never cut.
-    assert rows(r) == [
+    assert r.rows() == [
         (0, 35 * P, 7, 5, 3),
         (35 * P, 70 * P, 7, 5, 3),
         (70 * P, 100 * P, 7, 5, 3),
@@ -315,9 +302,9 @@ def test_split_matches_the_kernel_loop(seed: int) -> None:
         rng.integers(0, 9, n),
     )
     draws = rng.integers(1, 10, (nr_subs - 1, n))
-    expected = kernel_split([list(x) for x in rows(r)], nr_subs, draws)
+    expected = kernel_split([list(x) for x in r.rows()], nr_subs, draws)
     r.split(nr_subs, FixedRng(draws.tolist()))  # type: ignore[arg-type]
-    assert [list(x) for x in rows(r)] == expected
+    assert [list(x) for x in r.rows()] == expected
     assert len(r) <= nr_subs * n
     assert (r.starts % P == 0).all() and (r.ends > r.starts).all()
 

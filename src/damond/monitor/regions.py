@@ -109,6 +109,19 @@ class Regions:
     def ranges(self) -> list[Range]:
         return list(zip(self.starts.tolist(), self.ends.tolist(), strict=True))
 
+    def rows(self) -> list[tuple[int, int, int, int, int]]:
+        """Each region as (start, end, nr_accesses, last_nr_accesses, age), plain ints."""
+        return list(
+            zip(
+                self.starts.tolist(),
+                self.ends.tolist(),
+                self.nr_accesses.tolist(),
+                self.last_nr_accesses.tolist(),
+                self.age.tolist(),
+                strict=True,
+            )
+        )
+
     def copy(self) -> Regions:
         return Regions.build(
             self.starts, self.ends, self.nr_accesses, self.last_nr_accesses, self.age
@@ -299,14 +312,7 @@ def set_regions(regions: Regions, ranges: Iterable[Range]) -> Regions:
     # [start, end, nr_accesses, last_nr_accesses, age]
     items = [
         [s, e, nr, last, age]
-        for s, e, nr, last, age in zip(
-            regions.starts.tolist(),
-            regions.ends.tolist(),
-            regions.nr_accesses.tolist(),
-            regions.last_nr_accesses.tolist(),
-            regions.age.tolist(),
-            strict=True,
-        )
+        for s, e, nr, last, age in regions.rows()
         if any(s < re and rs_ < e for rs_, re in rs)
     ]
     pos = 0  # the kernel's cursor r: where the search for the next range starts
