@@ -67,7 +67,9 @@ async def snapshot_delivery(seconds: float = 5.0, aggr_us: int = 10_000) -> dict
 
             await add_match(client, SNAPSHOT_RULE)
             client.add_message_handler(on_signal)
-            await start_kdamonds(client, [sleeper.pid], 1000, aggr_us, 1000)
+            await start_kdamonds(
+                client, [sleeper.pid], sample_us=1000, aggr_us=aggr_us, min=1000, max=1000
+            )
             await asyncio.sleep(1.0)  # warm up: regions settle, first snapshots out
             received.clear()
             await asyncio.sleep(seconds)
@@ -94,7 +96,14 @@ async def get_latency_under_load(kdamonds: int = 4, calls: int = 2000) -> dict[s
     try:
         async with _daemon() as client:
             idle = await _get_latencies(client, calls)
-            await start_kdamonds(client, [s.pid for s in sleepers], 5000, 100_000, 1000)
+            await start_kdamonds(
+                client,
+                [s.pid for s in sleepers],
+                sample_us=5000,
+                aggr_us=100_000,
+                min=1000,
+                max=1000,
+            )
             await asyncio.sleep(1.0)
             loaded = await _get_latencies(client, calls)
     finally:

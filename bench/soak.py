@@ -278,7 +278,14 @@ async def run_soak(
             assert subscribers.stdout is not None and subscribers.stdin is not None
             if subscribers.stdout.readline() != "ready\n":
                 raise RuntimeError("the subscriber process did not start")
-            await start_kdamonds(client, [t.pid for t in targets], sample_us, aggr_us, regions)
+            await start_kdamonds(
+                client,
+                [t.pid for t in targets],
+                sample_us=sample_us,
+                aggr_us=aggr_us,
+                min=regions,
+                max=regions,
+            )
             proc = psutil.Process(daemon.pid)
             bus_proc = psutil.Process(bus.process.pid)
             loop = asyncio.get_running_loop()

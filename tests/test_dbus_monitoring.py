@@ -15,6 +15,8 @@ from typing import Any
 import psutil
 from conftest import ROOT, Damond, call, stop_process
 
+from damond.client import start_kdamonds
+
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
 T0 = f"{C0}/targets/0"
@@ -71,14 +73,8 @@ async def test_seed_walkthrough_with_busctl(
 
 
 async def configure_and_start(d: Damond, pid: int, **attrs: int) -> None:
-    await d.set(ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
-    await d.set(K0, "org.damond1.Contexts", "nr", "u", 1)
-    await d.set(C0, "org.damond1.Targets", "nr", "u", 1)
-    await d.set(T0, "org.damond1.Target", "pid", "i", pid)
-    for name, value in attrs.items():
-        iface = "org.damond1.NrRegions" if name in ("min", "max") else "org.damond1.Intervals"
-        await d.set(C0, iface, name, "t", value)
-    await d.set(K0, "org.damond1.Kdamond", "state", "s", "on")
+    """kdamond 0 monitors pid (vaddr) with these Intervals/NrRegions, and is on."""
+    await start_kdamonds(d.client, [pid], **attrs)
 
 
 async def test_hot_and_cold_buffers_are_told_apart(

@@ -30,6 +30,7 @@ from conftest import ROOT, Damond, SignalQueue, start_damond, stop_process
 from dbus_fast.aio import MessageBus
 
 from damond.cli import Daemon
+from damond.client import start_kdamonds as start_on_bus
 from damond.monitor import kdamond
 from damond.monitor.config import Attrs, ContextConfig, TargetConfig
 from damond.monitor.snapshot import Snapshot
@@ -44,16 +45,7 @@ def paths(k: int) -> tuple[str, str, str]:
 
 
 async def start_kdamonds(d: Damond, pids: list[int], **attrs: int) -> None:
-    await d.set(ROOT, KDAMONDS, "nr", "u", len(pids))
-    for k, pid in enumerate(pids):
-        kd, ctx, target = paths(k)
-        await d.set(kd, "org.damond1.Contexts", "nr", "u", 1)
-        await d.set(ctx, "org.damond1.Targets", "nr", "u", 1)
-        await d.set(target, "org.damond1.Target", "pid", "i", pid)
-        for name, value in attrs.items():
-            iface = "org.damond1.NrRegions" if name in ("min", "max") else "org.damond1.Intervals"
-            await d.set(ctx, iface, name, "t", value)
-        await d.set(kd, "org.damond1.Kdamond", "state", "s", "on")
+    await start_on_bus(d.client, pids, **attrs)
 
 
 @pytest.fixture

@@ -106,13 +106,13 @@ async def set_property(
     await call(bus, path, PROPERTIES, "Set", "ssv", [interface, name, Variant(signature, value)])
 
 
-async def start_kdamonds(
-    bus: MessageBus, pids: list[int], sample_us: int, aggr_us: int, nr_regions: int
-) -> None:
-    """Kdamond k monitors pids[k] (vaddr) with min = max = nr_regions; then all turn on.
+async def start_kdamonds(bus: MessageBus, pids: list[int], **attrs: int) -> None:
+    """Kdamond k monitors pids[k] (vaddr, one context, one target); then all turn on.
 
-    Every kdamond is configured before the first starts, so none samples
-    while the others are still being set up.
+    attrs are the context's Intervals (sample_us, aggr_us, update_us) and
+    NrRegions (min, max) to set, by property name. Every kdamond is configured
+    before the first starts, so none samples while the others are still being
+    set up.
     """
     await set_property(bus, ROOT, "org.damond1.Kdamonds", "nr", "u", len(pids))
     for k, pid in enumerate(pids):
@@ -121,9 +121,8 @@ async def start_kdamonds(
         await set_property(bus, kdamond, "org.damond1.Contexts", "nr", "u", 1)
         await set_property(bus, context, "org.damond1.Targets", "nr", "u", 1)
         await set_property(bus, f"{context}/targets/0", "org.damond1.Target", "pid", "i", pid)
-        await set_property(bus, context, "org.damond1.Intervals", "sample_us", "t", sample_us)
-        await set_property(bus, context, "org.damond1.Intervals", "aggr_us", "t", aggr_us)
-        await set_property(bus, context, "org.damond1.NrRegions", "max", "t", nr_regions)
-        await set_property(bus, context, "org.damond1.NrRegions", "min", "t", nr_regions)
+        for name, value in attrs.items():
+            iface = "org.damond1.NrRegions" if name in ("min", "max") else "org.damond1.Intervals"
+            await set_property(bus, context, iface, name, "t", value)
     for k in range(len(pids)):
         await set_property(bus, f"{ROOT}/kdamonds/{k}", "org.damond1.Kdamond", "state", "s", "on")
