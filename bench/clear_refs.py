@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.table import Column, markdown_table
 from bench.target import ChildTarget
 from damond.monitor.ops.clear_refs import (
     ClearRefsAccess,
@@ -122,7 +123,7 @@ def run() -> list[dict[str, Any]]:
     return [{"case": label, **_measure(size, huge, split)} for label, size, huge, split in CASES]
 
 
-COLUMNS = [
+COLUMNS: list[Column] = [
     ("case", "target", "{}"),
     ("mappings", "mappings", "{:.0f}"),
     ("referenced_mib", "referenced MiB", "{:.0f}"),
@@ -138,13 +139,7 @@ COLUMNS = [
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, rows)
 
 
 if __name__ == "__main__":

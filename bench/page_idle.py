@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.table import Column, markdown_table
 from bench.target import ChildTarget
 from damond.monitor.config import TargetConfig
 from damond.monitor.ops.base import AccessCheck
@@ -219,35 +220,25 @@ def run() -> list[dict[str, Any]]:
     return rows
 
 
-COLUMNS = [
+def _files(per_file: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2f}" for name, value in per_file.items())
+
+
+COLUMNS: list[Column] = [
     ("case", "case", "{}"),
     ("regions", "regions", "{}"),
     ("us_per_region", "µs/region (median)", "{:.1f}"),
     ("min_us_per_region", "µs/region (best)", "{:.1f}"),
     ("first_us_per_region", "µs/region (1st sample)", "{:.1f}"),
     ("syscalls_per_region", "syscalls/region", "{:.2f}"),
-    ("per_file", "syscalls by file", "{}"),
-    ("syscall_us_per_region", "µs in syscalls by file", "{}"),
+    ("per_file", "syscalls by file", _files),
+    ("syscall_us_per_region", "µs in syscalls by file", _files),
     ("accessed", "accessed", "{:.2f}"),
 ]
 
 
-def _files(per_file: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.2f}" for name, value in per_file.items())
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    for row in rows:
-        cells = [
-            _files(row[key]) if isinstance(row[key], dict) else fmt.format(row[key])
-            for key, _, fmt in COLUMNS
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, rows)
 
 
 @contextmanager
