@@ -905,6 +905,35 @@ many aggregations (seen in the guest: 89.9 % for 19 aggregations). Whether and w
 90 % was reached is recorded too (followed_90_after_aggregations)."""
 
 
+@dataclass(frozen=True)
+class Following:
+    """How one set of regions sees a moved hot spot."""
+
+    new_accessed: float
+    """Share of the new spot's bytes in regions with nr_accesses > 0."""
+    away_idle: float
+    """Share of the old spot's bytes (before the first move: the rest of the buffer) in
+    regions with nr_accesses == 0."""
+
+    @classmethod
+    def of(
+        cls, regions: Iterable[Region], hot: tuple[int, int], away: list[tuple[int, int]]
+    ) -> Following:
+        regions = list(regions)
+        return cls(share(regions, [hot], accessed=True), share(regions, away, accessed=False))
+
+    @property
+    def followed(self) -> bool:
+        return self.away_idle >= FOLLOW_SHARE and self.new_accessed >= NEW_SPOT_SHARE
+
+    @property
+    def followed_90(self) -> bool:
+        return self.away_idle >= FOLLOW_SHARE and self.new_accessed >= FOLLOW_SHARE
+
+    def trace(self) -> list[float]:
+        return [round(self.new_accessed, 3), round(self.away_idle, 3)]
+
+
 async def scenario_moving(run: Run) -> None:
     """3: the hot 8 MiB moves every 2 s (of samples); when do damond's regions follow it?"""
     wl = Workload("--size-mib", "64", "--hot-mib", str(MOVING_SPOT_MIB), "--hot-offset-mib", "0")
@@ -942,27 +971,17 @@ async def scenario_moving(run: Run) -> None:
                     while last is None or last.seq < seq_move + AGGREGATIONS:
                         msg = await asyncio.wait_for(queue.get(), SNAPSHOT_TIMEOUT_S)
                         last = Snap.from_body(msg.body)
-                        new_acc = share(last.regions, [wl.hot], accessed=True)
-                        away_idle = share(last.regions, away, accessed=False)
+                        seen = Following.of(last.regions, wl.hot, away)
                         move["trace"].append(
                             [
                                 last.seq,
-                                round(new_acc, 3),
-                                round(away_idle, 3),
+                                *seen.trace(),
                                 classify(last.regions, wl)["regions_over_buffer"],
                             ]
                         )
-                        if (
-                            move["followed_90_after_aggregations"] is None
-                            and new_acc >= FOLLOW_SHARE
-                            and away_idle >= FOLLOW_SHARE
-                        ):
+                        if move["followed_90_after_aggregations"] is None and seen.followed_90:
                             move["followed_90_after_aggregations"] = last.seq - seq_move
-                        if (
-                            move["followed_after_aggregations"] is None
-                            and new_acc >= NEW_SPOT_SHARE
-                            and away_idle >= FOLLOW_SHARE
-                        ):
+                        if move["followed_after_aggregations"] is None and seen.followed:
                             move["followed_after_aggregations"] = last.seq - seq_move
                             move["followed_after_samples"] = (
                                 last.seq - seq_move
@@ -1014,13 +1033,11 @@ def kernel_moving(wl: Workload, record: dict[str, Any]) -> None:
             while (elapsed := time.monotonic() - t_move) < MONITOR_SECONDS:
                 regions = [(r.start, r.end, r.nr_accesses, r.age) for r in k.tried_regions()]
                 elapsed = round(time.monotonic() - t_move, 3)
-                new_acc = share(regions, [wl.hot], accessed=True)
-                away_idle = share(regions, away, accessed=False)
-                move["trace"].append([elapsed, round(new_acc, 3), round(away_idle, 3)])
-                followed = away_idle >= FOLLOW_SHARE
-                if move["followed_90_after_s"] is None and followed and new_acc >= FOLLOW_SHARE:
+                seen = Following.of(regions, wl.hot, away)
+                move["trace"].append([elapsed, *seen.trace()])
+                if move["followed_90_after_s"] is None and seen.followed_90:
                     move["followed_90_after_s"] = elapsed
-                if move["followed_after_s"] is None and followed and new_acc >= NEW_SPOT_SHARE:
+                if move["followed_after_s"] is None and seen.followed:
                     move["followed_after_s"] = elapsed
 
 
