@@ -121,8 +121,8 @@ class Layout:
     index: np.ndarray
 
     @classmethod
-    def of(cls, positions: np.ndarray | list[int], max_gap: int) -> Layout:
-        values = positions.tolist() if isinstance(positions, np.ndarray) else positions
+    def of(cls, positions: np.ndarray, max_gap: int) -> Layout:
+        values = positions.tolist()
         if not values:
             return cls([], [], np.empty(0, dtype=np.int64))
         limit = max_gap + 1
