@@ -38,7 +38,7 @@ test: venv vm-image
 	$(PY) -m pytest
 
 demo: venv
-	$(PY) -m damond.demo
+	$(PY) -m damond.tools.demo
 
 bench: venv vm-image
 	$(PY) -m bench.run

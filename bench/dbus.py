@@ -20,8 +20,15 @@ from typing import Any
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
-from damond.client import ROOT, SNAPSHOT_RULE, add_match, connect, get_property, start_kdamonds
-from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
+from damond.tools.client import (
+    ROOT,
+    SNAPSHOT_RULE,
+    add_match,
+    connect,
+    get_property,
+    start_kdamonds,
+)
+from damond.tools.privatebus import spawn_daemon, start_private_bus, wait_for_name
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from damond.monitor import ops
 from damond.monitor.config import Attrs, ContextConfig, TargetConfig
 from damond.monitor.engine import Engine
 from damond.monitor.ops.synthetic import SyntheticAccess, SyntheticSpace
@@ -52,7 +53,7 @@ def _measure(setup: str, n: int) -> dict[str, Any]:
         # the count swings between about max/2 and max: aim its mean at n
         attrs = Attrs(min_nr_regions=min(10, n), max_nr_regions=max(n, n * 10 // 7))
         access = SyntheticAccess([(BASE, BASE + SIZE)], probability=0.5, seed=1)
-    config = ContextConfig("vaddr", "synthetic", attrs, (TargetConfig(0, pid=1),))
+    config = ContextConfig(ops.VADDR, "synthetic", attrs, (TargetConfig(0, pid=1),))
     engine = Engine(config, SyntheticSpace([(BASE, BASE + SIZE)]), access, np.random.default_rng(1))
     engine.start()
     per_aggregation = attrs.samples_per_aggregation

@@ -316,8 +316,8 @@ async def measure_profile(scenarios: ModuleType, workdir: Path) -> dict[str, Any
     """The daemon under cProfile (all threads) for PROFILE_SECONDS on the same workload."""
     import subprocess
 
-    from damond import client
-    from damond.privatebus import start_private_bus, wait_for_name
+    from damond.tools import client
+    from damond.tools.privatebus import start_private_bus, wait_for_name
 
     wl = scenarios.hotcold_workload(False)
     prof = workdir / "damond.prof"

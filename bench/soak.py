@@ -39,8 +39,8 @@ from typing import Any
 
 import psutil
 
-from damond.client import ROOT, connect, get_property, start_kdamonds
-from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
+from damond.tools.client import ROOT, connect, get_property, start_kdamonds
+from damond.tools.privatebus import spawn_daemon, start_private_bus, wait_for_name
 from tests import rawbus  # the stdlib-only client the policy and flood tests use
 
 SLOW_PAUSE_S = 2.0
@@ -355,7 +355,7 @@ async def run_soak(
 
 
 async def client_snapshot(client: Any, path: str) -> list[Any]:
-    from damond.client import call
+    from damond.tools.client import call
 
     return await call(client, path, "org.damond1.Context", "GetSnapshot")
 

@@ -13,8 +13,8 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from damond.client import call_message as call
-from damond.privatebus import PrivateBus, spawn_daemon, start_private_bus, wait_for_name
+from damond.tools.client import call_message as call
+from damond.tools.privatebus import PrivateBus, spawn_daemon, start_private_bus, wait_for_name
 
 BUS_NAME = "org.damond1"
 ROOT = "/org/damond1"
@@ -203,7 +203,7 @@ def workload() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
     import json
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "damond.workload", "--hot-mib", "4", "--cold-mib", "16"],
+        [sys.executable, "-m", "damond.tools.workload", "--hot-mib", "4", "--cold-mib", "16"],
         stdout=subprocess.PIPE,
     )
     assert process.stdout is not None

@@ -6,16 +6,18 @@ serve(), which carries out one command per stdin line and answers "ok" when it
 is done. Nothing waits by sleeping: every step waits for the child's answer.
 When it has exited, assert_gone() checks that an access check says so.
 
-ops_registry is the body of their `registry` fixture, for tests of what the ops
-registry offers (each module: ``registry = pytest.fixture(ops_registry, name="registry")``).
+registry_with() builds a Registry of the real tables with stand-in probes or
+access check factories: tests of what a host offers inject it, and patch
+nothing of the ops modules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -87,10 +89,21 @@ def assert_gone(access: AccessCheck, target: TargetConfig, addrs: np.ndarray) ->
         access.prepare(target, addrs)
 
 
-def ops_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """The body of a `registry` fixture: the ops registry's availability cache is cleared
-    before the test, and again once the test's monkeypatching is undone."""
-    ops.reset_cache()
-    yield monkeypatch
-    monkeypatch.undo()
-    ops.reset_cache()
+def registry_with(
+    probes: dict[str, Callable[[], str] | str] | None = None,
+    makers: dict[str, Callable[..., AccessCheck]] | None = None,
+) -> ops.Registry:
+    """The real tables, with the named access checks' probes (a function, or the
+    reason it returns) and factories replaced."""
+    probes, makers = probes or {}, makers or {}
+    checks = []
+    for check in ops.ACCESS_CHECKS:
+        probe = probes.get(check.name, check.probe)
+        checks.append(
+            dataclasses.replace(
+                check,
+                probe=probe if callable(probe) else (lambda r=probe: r),
+                make=makers.get(check.name, check.make),
+            )
+        )
+    return ops.Registry(ops.OPERATIONS, checks)

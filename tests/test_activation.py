@@ -15,7 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from damond.privatebus import PrivateBus, start_private_bus
+from damond.tools.privatebus import PrivateBus, start_private_bus
 
 REPO = Path(__file__).resolve().parent.parent
 ACTIVATION = REPO / "packaging" / "org.damond1.service"

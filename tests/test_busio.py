@@ -1,4 +1,4 @@
-"""The dbus-fast send-buffer defect (facts.md), and damond's fix, on a real bus."""
+"""The dbus-fast send-buffer defect (docs/architecture.md), and damond's fix, on a real bus."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from damond import busio
-from damond.client import add_match
-from damond.privatebus import PrivateBus
+from damond.tools.client import add_match
+from damond.tools.privatebus import PrivateBus
 
 SIGNALS = 400
 PAYLOAD = [(i, i + 4096, 3, 7) for i in range(1000)]  # ~24 KB, a 1000-region snapshot

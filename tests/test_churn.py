@@ -250,8 +250,8 @@ def test_a_reused_pid_is_not_monitored_as_the_old_target(
 
 async def _reuse(address: str, log_path: str) -> dict[str, Any]:
     """Inside the namespace (we are its pid 1): damond, a target A, A's death, B on A's pid."""
-    from damond import client
-    from damond.privatebus import spawn_daemon, wait_for_name
+    from damond.tools import client
+    from damond.tools.privatebus import spawn_daemon, wait_for_name
 
     bus = await client.connect(address)
     daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")

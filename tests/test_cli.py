@@ -17,9 +17,9 @@ def test_help_says_what_this_host_offers_and_why_not() -> None:
         check=True,
     ).stdout
     assert "org.damond1" in out and "--bus" in out
-    ops.reset_cache()
-    for name in (*ops.ACCESS_CHECKS, *ops.OPERATIONS):
-        reason = ops.why_unavailable(name)
+    registry = ops.Registry()
+    for name in (*registry.access_check_names, *registry.operations_names):
+        reason = registry.why_unavailable(name)
         line = next(
             x
             for x in out.splitlines()
@@ -30,5 +30,5 @@ def test_help_says_what_this_host_offers_and_why_not() -> None:
         else:
             assert line.endswith(": available"), line
     # this host (no idle page tracking): page_idle and paddr say what the kernel lacks
-    if ops.why_unavailable("page_idle"):
+    if registry.why_unavailable("page_idle"):
         assert "CONFIG_IDLE_PAGE_TRACKING" in out

@@ -1,4 +1,4 @@
-"""Every error rule of DESIGN.md §2 over a real bus; after each, nothing changed."""
+"""Every error rule of docs/dbus-api.md over a real bus; after each, nothing changed."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 from conftest import ROOT, Damond, call, stop_process
 
-from damond.client import start_kdamonds
+from damond.tools.client import start_kdamonds
 
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
@@ -42,6 +42,9 @@ async def test_seed_walkthrough_with_busctl(
 ) -> None:
     process, info = workload
     snapshots = await damond.signals(path=C0, interface="org.damond1.Context", member="Snapshot")
+    context_changes = await damond.signals(
+        path=C0, interface="org.freedesktop.DBus.Properties", member="PropertiesChanged"
+    )
     b = ["set-property", "org.damond1"]
     damond.busctl(*b, ROOT, "org.damond1.Kdamonds", "nr", "u", "1")
     damond.busctl(*b, K0, "org.damond1.Contexts", "nr", "u", "1")
@@ -52,6 +55,15 @@ async def test_seed_walkthrough_with_busctl(
     get = ["get-property", "org.damond1", K0, "org.damond1.Kdamond"]
     assert damond.busctl(*get, "state").stdout.strip() == 's "on"'
     assert damond.busctl(*get, "pid").stdout.strip() == f"i {damond.process.pid}"
+    # what auto stood for, said by the daemon (and announced) rather than guessed by clients
+    context = ["get-property", "org.damond1", C0, "org.damond1.Context"]
+    avail = json.loads(damond.busctl("--json=short", *context, "avail_access_checks").stdout)
+    effective = damond.busctl(*context, "effective_access_check").stdout.strip()
+    assert effective == f's "{avail["data"][0]}"', (effective, avail)
+    announced = (await context_changes.next()).body[1]  # the first change of C0 since nr
+    while "effective_access_check" not in announced:
+        announced = (await context_changes.next()).body[1]
+    assert f's "{announced["effective_access_check"].value}"' == effective
 
     bodies = [(await snapshots.next(timeout=10)).body for _ in range(12)]
     seqs = [body[0] for body in bodies]
@@ -70,6 +82,7 @@ async def test_seed_walkthrough_with_busctl(
     damond.busctl(*b, K0, "org.damond1.Kdamond", "state", "s", "off")
     assert damond.busctl(*get, "state").stdout.strip() == 's "off"'
     assert damond.busctl(*get, "pid").stdout.strip() == "i -1"
+    assert damond.busctl(*context, "effective_access_check").stdout.strip() == 's ""'
 
 
 async def configure_and_start(d: Damond, pid: int, **attrs: int) -> None:

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 from conftest import ROOT, Damond, call
 
-# DESIGN.md §2, written out independently of the code: path kind → interface →
+# docs/dbus-api.md, written out independently of the code: path kind → interface →
 # {property: (signature, access)}.
 CONTRACT = {
     "root": {"org.damond1.Kdamonds": {"nr": ("u", "readwrite")}},
@@ -20,6 +20,7 @@ CONTRACT = {
             "avail_operations": ("as", "read"),
             "access_check": ("s", "readwrite"),
             "avail_access_checks": ("as", "read"),
+            "effective_access_check": ("s", "read"),
         },
         "org.damond1.Intervals": {
             "sample_us": ("t", "readwrite"),
@@ -46,6 +47,7 @@ DEFAULTS = {
     ("org.damond1.Contexts", "nr"): 0,
     ("org.damond1.Context", "operations"): "vaddr",
     ("org.damond1.Context", "access_check"): "auto",
+    ("org.damond1.Context", "effective_access_check"): "",
     ("org.damond1.Intervals", "sample_us"): 5000,
     ("org.damond1.Intervals", "aggr_us"): 100000,
     ("org.damond1.Intervals", "update_us"): 60000000,

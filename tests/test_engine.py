@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from damond.monitor import ops
 from damond.monitor.config import PAGE_SIZE, Attrs, ContextConfig, TargetConfig
 from damond.monitor.engine import Engine
 from damond.monitor.ops.synthetic import SyntheticAccess, SyntheticSpace
@@ -29,7 +30,7 @@ PROCESS_RANGES: list[Range] = [
 def context(
     targets: Sequence[TargetConfig] = (TargetConfig(0, pid=100),),
     attrs: Attrs | None = None,
-    operations: str = "vaddr",
+    operations: ops.Operations = ops.VADDR,
 ) -> ContextConfig:
     return ContextConfig(operations, "synthetic", attrs or Attrs(), tuple(targets))
 
@@ -507,7 +508,7 @@ def test_snapshot_fields_and_copies() -> None:
     user = tuple((4 * i * P, (4 * i + 1) * P) for i in range(5))
     engine = Engine(
         context(
-            operations="paddr",
+            operations=ops.PADDR,
             targets=[TargetConfig(0, pid=-1, regions=user)],
             attrs=Attrs(min_nr_regions=3),
         ),

@@ -9,7 +9,7 @@
 - The bus daemon dying: damond exits 1 with one line saying so (systemd
   restarts it), instead of hanging.
 - A kernel file failing mid-run (EIO, ENOENT, EPERM) through the fault hook
-  DAMOND_FAULT_OPS (monitor/kdamond.py, off by default): that kdamond turns
+  DAMOND_FAULT_OPS (damond/faults.py, off by default): that kdamond turns
   off with the reason in the log, the others carry on.
 """
 
@@ -29,12 +29,13 @@ import pytest
 from conftest import ROOT, Damond, SignalQueue, start_damond, stop_process
 from dbus_fast.aio import MessageBus
 
+from damond import faults
 from damond.cli import Daemon
-from damond.client import start_kdamonds as start_on_bus
-from damond.monitor import kdamond
+from damond.monitor import kdamond, ops
 from damond.monitor.config import Attrs, ContextConfig, TargetConfig
 from damond.monitor.snapshot import Snapshot
-from damond.privatebus import PrivateBus, start_private_bus
+from damond.tools.client import start_kdamonds as start_on_bus
+from damond.tools.privatebus import PrivateBus, start_private_bus
 
 KDAMONDS = "org.damond1.Kdamonds"
 
@@ -212,7 +213,7 @@ async def test_a_failing_kernel_file_stops_only_its_kdamond(
 ) -> None:
     client = await MessageBus(bus_address=private_bus.address).connect()
     d = await start_damond(
-        private_bus, client, tmp_path, env={kdamond.FAULT_OPS_ENV: f"1:{op}:20:{error}"}
+        private_bus, client, tmp_path, env={faults.FAULT_OPS_ENV: f"1:{op}:20:{error}"}
     )
     try:
         changes = await state_changes(d, 1)
@@ -249,24 +250,32 @@ async def test_a_failing_kernel_file_stops_only_its_kdamond(
 
 
 def test_fault_specs_are_checked() -> None:
-    assert kdamond.Fault.parse("2:check:5:EIO") == kdamond.Fault("2", "check", 5, errno.EIO)
+    assert faults.Fault.parse("2:check:5:EIO") == faults.Fault("2", "check", 5, errno.EIO)
     for bad in ["2:check:0:EIO", "2:read:5:EIO", "2:check:5:ENOTANERRNO", "2:check:5"]:
         with pytest.raises(ValueError):
-            kdamond.Fault.parse(bad)
+            faults.Fault.parse(bad)
 
 
 async def test_fault_layer_fails_one_task_of_two(
     sleepers: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(kdamond.FAULT_OPS_ENV, "b:check:5:EIO")
+    monkeypatch.setenv(faults.FAULT_OPS_ENV, "b:check:5:EIO")
     attrs = Attrs(sample_us=1000, aggr_us=5000, min_nr_regions=10, max_nr_regions=100)
     stopped: dict[str, asyncio.Future[str]] = {}
     got: dict[str, list[Snapshot]] = {"a": [], "b": []}
     tasks = []
     for name, proc in zip(["a", "b"], sleepers, strict=True):
-        config = ContextConfig("vaddr", "clear_refs", attrs, (TargetConfig(0, proc.pid),))
+        config = ContextConfig(ops.VADDR, "clear_refs", attrs, (TargetConfig(0, proc.pid),))
         stopped[name] = asyncio.get_running_loop().create_future()
-        tasks.append(kdamond.KdamondTask(name, config, got[name].append, stopped[name].set_result))
+        tasks.append(
+            kdamond.KdamondTask(
+                name,
+                config,
+                got[name].append,
+                stopped[name].set_result,
+                wrap_ops=faults.wrap_ops,
+            )
+        )
     reason = await asyncio.wait_for(stopped["b"], 10)
     assert reason.startswith("monitoring failed: [Errno 5]"), reason
     assert not stopped["a"].done()
@@ -309,7 +318,7 @@ def test_fault_layer_counts_calls() -> None:
             return np.zeros(len(addrs), bool)
 
     inner = Access()
-    faulty: Any = kdamond.FaultyOps(inner, kdamond.Fault("0", "check", 3, errno.ENOENT))
+    faulty: Any = faults.FaultyOps(inner, faults.Fault("0", "check", 3, errno.ENOENT))
     target = TargetConfig(0, 1)
     faulty.check(target, np.zeros(2, np.uint64))
     faulty.check(target, np.zeros(2, np.uint64))

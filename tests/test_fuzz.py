@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_dbus_tree import DEFAULTS  # one table of the contract's defaults
 
-from damond.hierarchy import MAX_NR_REGIONS, MAX_REGION_END
+from damond.monitor.config import MAX_NR_REGIONS, MAX_REGION_END
 
 PROPS = "org.freedesktop.DBus.Properties"
 CONTRACT_ERRORS = {

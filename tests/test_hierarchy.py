@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from ops_helpers import registry_with  # tests/ops_helpers.py
 
 from damond.errors import Busy, InvalidArgument, NoData
 from damond.hierarchy import Context, Kdamond, Node, Target, Tree
@@ -107,12 +108,18 @@ def test_on_off_commit_cycle(tree: Any) -> None:
     recorder.events.clear()
     kd.set("kdamond", "state", "on")
     assert kd.get("kdamond", "state") == "on" and kd.get("kdamond", "pid") == os.getpid()
-    assert recorder.events == [
-        ("changed", "kdamonds/0", ("kdamond", {"state": "on", "pid": os.getpid()}))
-    ]
     config = monitors[0].configs[0]
-    assert config.operations == "vaddr" and config.targets[0].pid == os.getpid()
-    assert config.access_check in ops.available_access_checks()
+    assert recorder.events == [
+        (
+            "changed",
+            "kdamonds/0/contexts/0",
+            ("context", {"effective_access_check": config.access_check}),
+        ),
+        ("changed", "kdamonds/0", ("kdamond", {"state": "on", "pid": os.getpid()})),
+    ]
+    assert ctx.get("context", "effective_access_check") == config.access_check
+    assert config.operations is ops.VADDR and config.targets[0].pid == os.getpid()
+    assert config.access_check in t.registry.available_access_checks()
 
     ctx.set("intervals", "aggr_us", 200000)
     assert len(monitors[0].configs) == 1  # stored, not applied
@@ -151,11 +158,9 @@ def test_monitor_stopping_by_itself_turns_the_kdamond_off(tree: Any) -> None:
         Context.get_snapshot(t.lookup("kdamonds/0/contexts/0"))  # type: ignore[arg-type]
 
 
-def test_paddr_takes_at_most_one_target(tree: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_paddr_takes_at_most_one_target(tree: Any) -> None:
     t, monitors, _ = tree
-    monkeypatch.setattr(ops, "available_operations", lambda: ["vaddr", "fvaddr", "paddr"])
-    monkeypatch.setattr(ops, "available_access_checks", lambda: ["page_idle", "clear_refs"])
-    monkeypatch.setattr(ops, "resolve_access_check", lambda requested, operations: "page_idle")
+    t.registry = registry_with(probes={"page_idle": "", "clear_refs": ""})  # as with page_idle
     kd, ctx = build(t, targets=2)
     ctx.set("context", "operations", "paddr")
     with pytest.raises(InvalidArgument, match="paddr takes at most one target"):

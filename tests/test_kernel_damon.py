@@ -31,7 +31,7 @@ def test_nothing_running_or_no_damon(tmp_path: Path) -> None:
 
 
 def test_this_host_only_read() -> None:
-    """Whatever this host runs, looking must not change it (facts.md: one kdamond is on)."""
+    """Whatever this host runs, looking must not change it (development hosts run a kdamond)."""
     admin = kernel_damon.ADMIN
     before = {p: (p / "state").read_text() for p in admin.glob("[0-9]*")} if admin.exists() else {}
     found = kernel_damon.running_kdamonds()

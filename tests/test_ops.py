@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import threading
@@ -16,19 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ops_helpers import ChildProcess, assert_gone, ops_registry  # tests/ops_helpers.py
+from ops_helpers import ChildProcess, assert_gone, registry_with  # tests/ops_helpers.py
 
 from damond.monitor import ops
 from damond.monitor.config import PAGE_SIZE, TargetConfig
 from damond.monitor.ops import TargetGone, Unsupported
 from damond.monitor.ops.clear_refs import ClearRefsAccess, parse_smaps, sample_accessed
+from damond.monitor.ops.common import aligned_ranges, mapping_index
 from damond.monitor.ops.paddr import PaddrSpace, parse_iomem, system_ram
 from damond.monitor.ops.process import ProcessTable, TargetProcess
 from damond.monitor.ops.vaddr import (
     FvaddrSpace,
     VaddrSpace,
-    aligned_ranges,
-    mapping_index,
     mappings,
     parse_maps,
     process_mappings,
@@ -230,8 +230,6 @@ def test_fvaddr_uses_the_users_regions(child: Child) -> None:
     try:
         assert space.initial_ranges(target) == [(0x1000, 0x4000), (0x5000, 0x9000)]
         assert space.update_ranges(target) is None
-        with pytest.raises(ValueError):
-            space.initial_ranges(child.target)  # no regions
         child.reap()
         with pytest.raises(TargetGone):
             space.update_ranges(target)
@@ -462,109 +460,86 @@ def test_paddr_space() -> None:
 # --- the registry -------------------------------------------------------------------
 
 
-registry = pytest.fixture(ops_registry, name="registry")
-
-
-def fake_probes(monkeypatch: pytest.MonkeyPatch, **reasons: str) -> None:
-    probes = {name: (lambda r=reason: r) for name, reason in reasons.items()}
-    monkeypatch.setattr(ops, "PROBES", {**ops.PROBES, **probes})
-    ops.reset_cache()
-
-
-def test_this_host(registry: pytest.MonkeyPatch) -> None:
-    assert "clear_refs" in ops.available_access_checks()
-    assert {"vaddr", "fvaddr"} <= set(ops.available_operations())
-    assert ops.why_unavailable("vaddr") == ""
-    assert ops.resolve_access_check("clear_refs", "fvaddr") == "clear_refs"
+def test_this_host() -> None:
+    registry = ops.Registry()
+    assert "clear_refs" in registry.available_access_checks()
+    assert {"vaddr", "fvaddr"} <= set(registry.available_operations())
+    assert registry.why_unavailable("vaddr") == ""
+    assert registry.resolve_access_check("clear_refs", "fvaddr") == "clear_refs"
     if not os.path.exists(ops.PAGE_IDLE_BITMAP):
-        assert "page_idle" not in ops.available_access_checks()
-        assert "paddr" not in ops.available_operations()
-        assert "CONFIG_IDLE_PAGE_TRACKING" in ops.why_unavailable("page_idle")
-        assert ops.resolve_access_check("auto", "vaddr") == "clear_refs"
+        assert "page_idle" not in registry.available_access_checks()
+        assert "paddr" not in registry.available_operations()
+        assert "CONFIG_IDLE_PAGE_TRACKING" in registry.why_unavailable("page_idle")
+        assert registry.resolve_access_check("auto", "vaddr") == "clear_refs"
 
 
-def test_missing_files_give_exact_reasons(registry: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    registry.setattr(ops, "PAGE_IDLE_BITMAP", str(tmp_path / "bitmap"))
-    registry.setattr(ops, "CLEAR_REFS", str(tmp_path / "clear_refs"))
-    ops.reset_cache()
-    assert ops.available_access_checks() == []
-    assert ops.available_operations() == []
-    assert ops.why_unavailable("page_idle") == (
+def test_missing_files_give_exact_reasons(tmp_path: Path) -> None:
+    registry = registry_with(
+        probes={
+            "page_idle": functools.partial(ops.probe_page_idle, str(tmp_path / "bitmap")),
+            "clear_refs": functools.partial(ops.probe_clear_refs, str(tmp_path / "clear_refs")),
+        }
+    )
+    assert registry.available_access_checks() == []
+    assert registry.available_operations() == []
+    assert registry.why_unavailable("page_idle") == (
         f"page_idle: CONFIG_IDLE_PAGE_TRACKING is not set: {tmp_path}/bitmap missing"
     )
-    assert "CONFIG_PROC_PAGE_MONITOR" in ops.why_unavailable("clear_refs")
-    paddr = ops.why_unavailable("paddr")
+    assert "CONFIG_PROC_PAGE_MONITOR" in registry.why_unavailable("clear_refs")
+    paddr = registry.why_unavailable("paddr")
     assert paddr.startswith("paddr: needs the page_idle access check (page_idle: CONFIG_IDLE")
-    vaddr = ops.why_unavailable("vaddr")
+    vaddr = registry.why_unavailable("vaddr")
     assert "page_idle:" in vaddr and "clear_refs:" in vaddr
     with pytest.raises(Unsupported, match="CONFIG_PROC_PAGE_MONITOR"):
-        ops.resolve_access_check("auto", "vaddr")
+        registry.resolve_access_check("auto", "vaddr")
     with pytest.raises(Unsupported):
-        ops.make_access("clear_refs")
+        registry.make_access("clear_refs", ProcessTable())
 
 
-def test_page_idle_without_its_module_is_unavailable(
-    registry: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    bitmap = tmp_path / "bitmap"
-    bitmap.write_bytes(b"\0" * 8)
-    registry.setattr(ops, "PAGE_IDLE_BITMAP", str(bitmap))
-    ops.reset_cache()
-    try:
-        import damond.monitor.ops.page_idle  # noqa: F401
-    except ImportError:
-        assert ops.why_unavailable("page_idle") == (
-            "page_idle: not implemented in this version of damond"
-        )
-    else:
-        assert ops.why_unavailable("page_idle") == ""
-
-
-def test_auto_prefers_page_idle(registry: pytest.MonkeyPatch) -> None:
-    fake_probes(registry, page_idle="", clear_refs="")
-    assert ops.available_access_checks() == ["page_idle", "clear_refs"]
-    assert ops.available_operations() == ["vaddr", "fvaddr", "paddr"]
-    assert ops.resolve_access_check("auto", "vaddr") == "page_idle"
-    assert ops.resolve_access_check("auto", "paddr") == "page_idle"
+def test_auto_prefers_page_idle() -> None:
+    registry = registry_with(probes={"page_idle": "", "clear_refs": ""})
+    assert registry.available_access_checks() == ["page_idle", "clear_refs"]
+    assert registry.available_operations() == ["vaddr", "fvaddr", "paddr"]
+    assert registry.resolve_access_check("auto", "vaddr") == "page_idle"
+    assert registry.resolve_access_check("auto", "paddr") == "page_idle"
     with pytest.raises(ValueError, match="clear_refs works per process: not for paddr"):
-        ops.resolve_access_check("clear_refs", "paddr")
+        registry.resolve_access_check("clear_refs", "paddr")
 
 
-def test_resolve_rejects_what_cannot_work(registry: pytest.MonkeyPatch) -> None:
-    fake_probes(registry, page_idle="page_idle: nope", clear_refs="")
+def test_resolve_rejects_what_cannot_work() -> None:
+    registry = registry_with(probes={"page_idle": "page_idle: nope", "clear_refs": ""})
     with pytest.raises(Unsupported, match="paddr: needs the page_idle access check"):
-        ops.resolve_access_check("auto", "paddr")
+        registry.resolve_access_check("auto", "paddr")
     with pytest.raises(Unsupported, match="page_idle: nope"):
-        ops.resolve_access_check("page_idle", "vaddr")
+        registry.resolve_access_check("page_idle", "vaddr")
     with pytest.raises(ValueError, match="clear_refs works per process"):
-        ops.resolve_access_check("clear_refs", "paddr")  # a combination, before availability
+        registry.resolve_access_check("clear_refs", "paddr")  # a combination, before availability
     with pytest.raises(ValueError):
-        ops.resolve_access_check("bogus", "vaddr")
+        registry.resolve_access_check("bogus", "vaddr")
     with pytest.raises(ValueError):
-        ops.resolve_access_check("auto", "bogus")
+        registry.resolve_access_check("auto", "bogus")
     with pytest.raises(ValueError):
-        ops.why_unavailable("bogus")
+        registry.why_unavailable("bogus")
 
 
-def test_availability_is_cached(registry: pytest.MonkeyPatch) -> None:
+def test_availability_is_cached() -> None:
     calls = []
 
     def probe() -> str:
         calls.append(1)
         return ""
 
-    registry.setattr(ops, "PROBES", {**ops.PROBES, "clear_refs": probe})
-    ops.reset_cache()
-    ops.available_access_checks()
-    ops.available_operations()
-    ops.why_unavailable("vaddr")
+    registry = registry_with(probes={"clear_refs": probe})
+    registry.available_access_checks()
+    registry.available_operations()
+    registry.why_unavailable("vaddr")
     assert len(calls) == 1
-    ops.reset_cache()
-    ops.available_access_checks()
+    registry.reset()
+    registry.available_access_checks()
     assert len(calls) == 2
 
 
-def test_probing_clear_refs_does_not_clear_anything(registry: pytest.MonkeyPatch) -> None:
+def test_probing_clear_refs_does_not_clear_anything() -> None:
     buf = mmap.mmap(-1, 4 * MiB)
     try:
         start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -576,15 +551,16 @@ def test_probing_clear_refs_does_not_clear_anything(registry: pytest.MonkeyPatch
         buf.close()
 
 
-def test_factories(registry: pytest.MonkeyPatch) -> None:
+def test_factories() -> None:
+    registry = ops.Registry()
     table = ProcessTable()
-    assert isinstance(ops.make_space("vaddr", table), VaddrSpace)
-    assert isinstance(ops.make_space("fvaddr"), FvaddrSpace)
-    assert isinstance(ops.make_space("paddr"), PaddrSpace)
-    access = ops.make_access("clear_refs", table)
+    assert isinstance(registry.operations("vaddr").space(table), VaddrSpace)
+    assert isinstance(registry.operations("fvaddr").space(table), FvaddrSpace)
+    assert isinstance(registry.operations("paddr").space(table), PaddrSpace)
+    access = registry.make_access("clear_refs", table)
     assert isinstance(access, ClearRefsAccess) and access.processes is table
     with pytest.raises(ValueError):
-        ops.make_space("bogus")
+        registry.operations("bogus")
     with pytest.raises(ValueError):
-        ops.make_access("auto")
+        registry.make_access("auto", table)
     table.close()

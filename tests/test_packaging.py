@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from dbus_fast.aio import MessageBus
 
-from damond.privatebus import start_private_bus, wait_for_name
+from damond.tools.privatebus import start_private_bus, wait_for_name
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "packaging" / "damond.service"
@@ -123,7 +123,7 @@ def check_layout(root: Path, layout: Layout) -> None:
     assert cfg["home"] == "/usr/bin"
     assert cfg["command"].endswith(f"-m venv {layout.venv}")
     assert list(at(layout.venv).glob("lib/python3*/site-packages/damond/cli.py"))
-    for dep in ("dbus_fast", "numpy", "psutil", "systemd"):
+    for dep in ("dbus_fast", "numpy", "systemd"):
         assert list(at(layout.venv).glob(f"lib/python3*/site-packages/{dep}/__init__.py")), dep
 
     unit = unit_settings(at(layout.unit))
@@ -244,7 +244,7 @@ def test_installed_damond_runs_from_its_own_venv(real_install: RealInstall) -> N
         [
             f"{layout.venv}/bin/python",
             "-c",
-            "import json, sys, damond, dbus_fast, numpy, psutil, systemd.daemon, systemd.journal;"
+            "import json, sys, damond, dbus_fast, numpy, systemd.daemon, systemd.journal;"
             "print(json.dumps([sys.prefix, damond.__file__, systemd.daemon.__file__]))",
         ],
         capture_output=True,

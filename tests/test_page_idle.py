@@ -8,6 +8,7 @@ checked word by word, against the real pagemap and kpageflags of a child.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ops_helpers import ChildProcess, assert_gone, ops_registry  # tests/ops_helpers.py
+from ops_helpers import ChildProcess, assert_gone, registry_with  # tests/ops_helpers.py
 
 from damond.monitor import ops
 from damond.monitor.config import TargetConfig
@@ -270,11 +271,10 @@ def child() -> Iterator[Child]:
 
 
 @pytest.fixture
-def bitmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def bitmap(tmp_path: Path) -> Path:
     """A regular file as the idle bitmap: it keeps what is written and reads it back."""
     path = tmp_path / "bitmap"
     path.write_bytes(b"")
-    monkeypatch.setattr(pi, "BITMAP", str(path))
     return path
 
 
@@ -320,7 +320,7 @@ def test_prepare_marks_the_sampled_pages_and_check_reads_them_back(
     pfns = pfns_of(child.proc.pid, resident)
     assert np.all(pfns) and host_has_lru_pages(pfns)
     addrs = np.concatenate([resident, untouched])
-    access = pi.PageIdleAccess()
+    access = pi.PageIdleAccess(bitmap=str(bitmap))
     try:
         access.prepare(child.target, addrs)
         assert bitmap_bits(bitmap, pfns).all()  # each resident page marked idle
@@ -337,7 +337,7 @@ def test_prepare_marks_the_sampled_pages_and_check_reads_them_back(
 def test_physical_addresses_are_their_own_pfns(child: Child, bitmap: Path) -> None:
     pfns = pfns_of(child.proc.pid, child.resident(30))
     physical = pfns * u64(PAGE) + u64(77)
-    access = pi.PageIdleAccess()
+    access = pi.PageIdleAccess(bitmap=str(bitmap))
     try:
         access.prepare(TargetConfig(0, -1), physical)
         assert bitmap_bits(bitmap, pfns).all()
@@ -349,7 +349,7 @@ def test_physical_addresses_are_their_own_pfns(child: Child, bitmap: Path) -> No
 
 def test_a_target_that_exits_is_gone(child: Child, bitmap: Path) -> None:
     addrs = child.resident(10)
-    access = pi.PageIdleAccess()
+    access = pi.PageIdleAccess(bitmap=str(bitmap))
     try:
         access.prepare(child.target, addrs)
         child.reap()
@@ -359,7 +359,7 @@ def test_a_target_that_exits_is_gone(child: Child, bitmap: Path) -> None:
 
 
 def test_pagemap_is_reopened_after_the_target_execs(child: Child, bitmap: Path) -> None:
-    access = pi.PageIdleAccess()
+    access = pi.PageIdleAccess(bitmap=str(bitmap))
     try:
         access.prepare(child.target, child.resident(5))  # opens and keeps its pagemap
         child.send("exec")
@@ -377,7 +377,7 @@ def test_closing_releases_every_fd(bitmap: Path) -> None:
         return len(os.listdir("/proc/self/fd"))
 
     before = fds()
-    access = pi.PageIdleAccess()
+    access = pi.PageIdleAccess(bitmap=str(bitmap))
     assert fds() == before + 2
     access.close()
     access.close()
@@ -396,41 +396,39 @@ def test_a_root_only_file_says_what_it_needs(monkeypatch: pytest.MonkeyPatch) ->
 # --- the registry -------------------------------------------------------------------------
 
 
-registry = pytest.fixture(ops_registry, name="registry")
-
-
 @pytest.mark.skipif(os.path.exists(pi.BITMAP), reason="this kernel has page_idle")
-def test_this_host_has_no_page_idle(registry: pytest.MonkeyPatch) -> None:
-    assert ops.why_unavailable("page_idle") == (
+def test_this_host_has_no_page_idle() -> None:
+    registry = ops.Registry()
+    assert registry.why_unavailable("page_idle") == (
         "page_idle: CONFIG_IDLE_PAGE_TRACKING is not set: /sys/kernel/mm/page_idle/bitmap missing"
     )
-    assert ops.available_access_checks() == ["clear_refs"]
-    assert ops.available_operations() == ["vaddr", "fvaddr"]
-    assert ops.resolve_access_check("auto", "vaddr") == "clear_refs"
-    assert ops.why_unavailable("paddr").startswith("paddr: needs the page_idle access check")
+    assert registry.available_access_checks() == ["clear_refs"]
+    assert registry.available_operations() == ["vaddr", "fvaddr"]
+    assert registry.resolve_access_check("auto", "vaddr") == "clear_refs"
+    assert registry.why_unavailable("paddr").startswith("paddr: needs the page_idle access check")
     with pytest.raises(ops.Unsupported, match="CONFIG_IDLE_PAGE_TRACKING"):
-        ops.make_access("page_idle")
+        registry.make_access("page_idle", ops.ProcessTable())
 
 
-def stand_in_bitmap(registry: pytest.MonkeyPatch, path: Path) -> None:
-    registry.setattr(ops, "PAGE_IDLE_BITMAP", str(path))
-    registry.setattr(pi, "BITMAP", str(path))
-    ops.reset_cache()
+def stand_in_bitmap(path: Path, kpageflags: str = pi.KPAGEFLAGS) -> ops.Registry:
+    """The real tables, with page_idle probing and opening path as its bitmap."""
+    return registry_with(
+        probes={"page_idle": functools.partial(ops.probe_page_idle, str(path), kpageflags)},
+        makers={"page_idle": functools.partial(pi.PageIdleAccess, bitmap=str(path))},
+    )
 
 
-def test_page_idle_is_auto_and_brings_paddr_where_the_bitmap_opens(
-    registry: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_page_idle_is_auto_and_brings_paddr_where_the_bitmap_opens(tmp_path: Path) -> None:
     path = tmp_path / "bitmap"
     path.write_bytes(b"")
-    stand_in_bitmap(registry, path)
-    assert ops.why_unavailable("page_idle") == ""
-    assert ops.available_access_checks() == ["page_idle", "clear_refs"]
-    assert ops.available_operations() == ["vaddr", "fvaddr", "paddr"]
-    assert ops.resolve_access_check("auto", "vaddr") == "page_idle"
-    assert ops.resolve_access_check("auto", "paddr") == "page_idle"
+    registry = stand_in_bitmap(path)
+    assert registry.why_unavailable("page_idle") == ""
+    assert registry.available_access_checks() == ["page_idle", "clear_refs"]
+    assert registry.available_operations() == ["vaddr", "fvaddr", "paddr"]
+    assert registry.resolve_access_check("auto", "vaddr") == "page_idle"
+    assert registry.resolve_access_check("auto", "paddr") == "page_idle"
     table = ops.ProcessTable()
-    access = ops.make_access("page_idle", table)
+    access = registry.make_access("page_idle", table)
     assert isinstance(access, pi.PageIdleAccess) and access.processes is table
     access.close()
     table.close()
@@ -447,12 +445,10 @@ def test_page_idle_is_auto_and_brings_paddr_where_the_bitmap_opens(
     ],
 )
 def test_page_idle_reasons_when_files_do_not_open(
-    registry: pytest.MonkeyPatch, tmp_path: Path, setup: Callable[[Path], Any], reason: str
+    tmp_path: Path, setup: Callable[[Path], Any], reason: str
 ) -> None:
     path, kpageflags = tmp_path / "bitmap", tmp_path / "kpageflags"
     setup(path)
-    stand_in_bitmap(registry, path)
-    registry.setattr(ops, "KPAGEFLAGS", str(kpageflags))
-    ops.reset_cache()
-    assert ops.why_unavailable("page_idle") == reason.format(p=path, k=kpageflags)
-    assert "paddr" not in ops.available_operations()
+    registry = stand_in_bitmap(path, str(kpageflags))
+    assert registry.why_unavailable("page_idle") == reason.format(p=path, k=kpageflags)
+    assert "paddr" not in registry.available_operations()

@@ -1,4 +1,4 @@
-"""DESIGN.md §3, enforced by a real dbus-daemon that includes packaging/dbus-policy.conf.
+"""The access policy (docs/operations.md), enforced by a real dbus-daemon with its file.
 
 The bus is configured like the system bus (deny by default, no root
 exception) and includes the project's policy file itself, not a copy. Other
@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, Damond, start_damond, stop_process
 from dbus_fast.aio import MessageBus
 
-from damond.privatebus import PrivateBus, start_private_bus
+from damond.tools.privatebus import PrivateBus, start_private_bus
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "packaging" / "dbus-policy.conf"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from damond.render import (
+from damond.tools.render import (
     Marks,
     Style,
     bar,

@@ -17,10 +17,10 @@ import pytest
 from conftest import ROOT, Damond, start_damond, stop_process
 from dbus_fast.aio import MessageBus
 
-from damond import client as damond_client
 from damond import service
 from damond.monitor.ops import kernel_damon
-from damond.privatebus import PrivateBus
+from damond.tools import client as damond_client
+from damond.tools.privatebus import PrivateBus
 
 WATCHDOG_USEC = 400_000
 STALL_S = 1.5
@@ -77,7 +77,7 @@ async def test_ready_after_the_name_is_owned_then_status(
     assert await damond_client.name_has_owner(daemon.client)
     _, status = await notify.until(lambda m: m.startswith("STATUS="))
     assert "idle" in status
-    # facts.md: this host runs a kernel kdamond, which disturbs damond: say so
+    # where the host runs a kernel kdamond, which disturbs damond: say so
     host_damon = bool(kernel_damon.running_kdamonds())
     assert ("warning: the kernel's own DAMON is running" in status) == host_damon
     assert ("the kernel's own DAMON is running" in daemon.stderr()) == host_damon

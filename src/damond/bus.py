@@ -8,7 +8,7 @@ Objects are dispatched from one message handler instead of exported
 ServiceInterfaces: dbus-fast would send InterfacesAdded from each object's own
 path (the spec and GDBus clients expect the manager's path), never emits
 PropertiesChanged on Set, and answers a wrongly typed Set with an error name
-outside the contract (facts.md). Dispatching ourselves fixes all three and
+outside the contract (docs/architecture.md). Dispatching ourselves fixes all three and
 keeps thousands of region objects cheap.
 """
 
@@ -68,12 +68,8 @@ MAX_QUEUED_MESSAGES = 64
 for the socket: the daemon's memory stays bounded when the bus is slow."""
 
 
-def object_path(node: Node) -> str:
-    return f"{ROOT_PATH}/{node.path}" if node.path else ROOT_PATH
-
-
-def where(path: str) -> str:
-    """A tree path as clients know it: the D-Bus object path."""
+def object_path(path: str) -> str:
+    """A tree path (``kdamonds/0``, '' for the root) as clients know it: the object path."""
     return f"{ROOT_PATH}/{path}" if path else ROOT_PATH
 
 
@@ -87,7 +83,7 @@ class _Reply(Exception):
 
 
 def _error_reply(e: DamondError) -> _Reply:
-    return _Reply(ERROR_NAMES[type(e)], f"{where(e.where)}: {e.rule}")
+    return _Reply(ERROR_NAMES[type(e)], f"{object_path(e.where)}: {e.rule}")
 
 
 @cache
@@ -135,7 +131,6 @@ class BusAdapter:
     def __init__(self, bus: MessageBus, tree: Tree) -> None:
         self.bus = bus
         self.tree = tree
-        self.snapshots_sent = 0
         self.snapshots_dropped = 0
         self._last_drop_log = 0.0
 
@@ -277,7 +272,7 @@ class BusAdapter:
 
     def _managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
         return {
-            object_path(n): self._interfaces_and_properties(n)
+            object_path(n.path): self._interfaces_and_properties(n)
             for n in self.tree.root.walk()
             if n is not self.tree.root
         }
@@ -321,7 +316,7 @@ class BusAdapter:
             OBJECT_MANAGER,
             "InterfacesAdded",
             "oa{sa{sv}}",
-            [object_path(node), self._interfaces_and_properties(node)],
+            [object_path(node.path), self._interfaces_and_properties(node)],
         )
 
     def node_removed(self, node: Node) -> None:
@@ -330,14 +325,14 @@ class BusAdapter:
             OBJECT_MANAGER,
             "InterfacesRemoved",
             "oas",
-            [object_path(node), [INTERFACES[g] for g in node.GROUPS]],
+            [object_path(node.path), [INTERFACES[g] for g in node.GROUPS]],
         )
 
     def properties_changed(self, node: Node, group: str, changed: dict[str, Any]) -> None:
         kinds = {a.name: a.kind for a in node.GROUPS[group]}
         variants = {k: Variant(SIGNATURES[kinds[k]], v) for k, v in changed.items()}
         self._signal(
-            object_path(node),
+            object_path(node.path),
             PROPERTIES,
             "PropertiesChanged",
             "sa{sv}as",
@@ -355,9 +350,8 @@ class BusAdapter:
                     self.snapshots_dropped,
                 )
             return
-        self.snapshots_sent += 1
         self._signal(
-            object_path(context),
+            object_path(context.path),
             INTERFACES["context"],
             "Snapshot",
             SNAPSHOT_SIGNATURE,

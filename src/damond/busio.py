@@ -1,7 +1,7 @@
 """Keeping a dbus-fast connection alive under load.
 
 dbus-fast (like dbus-next) treats EAGAIN from the socket as fatal: when the
-send buffer fills, it drops the whole bus connection (facts.md: reproduced
+send buffer fills, it drops the whole bus connection (tests/test_busio.py: reproduced
 3/3 with 1000 back-to-back 24 KB signals). A monitoring daemon that floods a
 slow bus must instead wait until the socket is writable again, and must bound
 what it queues. This module is the one place that knows dbus-fast's writer.

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
 from damond.hierarchy import Tree
 from damond.monitor import ops
 from damond.monitor.config import ContextConfig
-from damond.monitor.kdamond import KdamondTask
+from damond.monitor.kdamond import KdamondTask, OpsWrapper
 from damond.monitor.ops import kernel_damon
 from damond.monitor.snapshot import Snapshot
 
@@ -34,15 +33,18 @@ class Fatal(Exception):
     """A reason to exit 1, said in one line."""
 
 
-def host_support() -> str:
+def host_support(registry: ops.Registry = ops.REGISTRY) -> str:
     """What this host offers (for --help): each access check and operations set, and why
     not where it cannot run (the same probes as avail_access_checks/avail_operations)."""
     lines = ["On this host (as this user):"]
-    for name in (*ops.ACCESS_CHECKS, *ops.OPERATIONS):
-        reason = ops.why_unavailable(name)
-        kind = "access check" if name in ops.ACCESS_CHECKS else "operations"
-        said = f"no ({reason.removeprefix(name + ': ')})" if reason else "available"
-        lines.append(f"  {kind} {name}: {said}")
+    for kind, names in (
+        ("access check", registry.access_check_names),
+        ("operations", registry.operations_names),
+    ):
+        for name in names:
+            reason = registry.why_unavailable(name)
+            said = f"no ({reason.removeprefix(name + ': ')})" if reason else "available"
+            lines.append(f"  {kind} {name}: {said}")
     return "\n".join(lines)
 
 
@@ -108,9 +110,12 @@ async def _own_name(bus: MessageBus) -> None:
 class Daemon:
     """The tree, its running kdamonds and the bus it is served on."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: ops.Registry = ops.REGISTRY) -> None:
         self.tasks: set[KdamondTask] = set()
-        self.tree = Tree(self._start_kdamond)
+        self.registry = registry
+        self.tree = Tree(self._start_kdamond, registry)
+        self.wrap_ops: OpsWrapper | None = None
+        """Set by fault injection only (damond.faults)."""
 
     def _start_kdamond(
         self,
@@ -119,7 +124,7 @@ class Daemon:
         on_snapshot: Callable[[Snapshot], None],
         on_stop: Callable[[str], None],
     ) -> KdamondTask:
-        task = KdamondTask(name, config, on_snapshot, on_stop)
+        task = KdamondTask(name, config, on_snapshot, on_stop, self.registry, self.wrap_ops)
         self.tasks.add(task)
         # however it ends (by itself, or cancelled by `off`): a stopped task
         # kept here would keep its engine and regions for the daemon's lifetime
@@ -156,7 +161,10 @@ class Daemon:
 
         interval = service.watchdog_interval()
         pinger = asyncio.ensure_future(service.watchdog(interval)) if interval else None
-        _install_stall_fault(loop)
+        if _faults_asked():
+            from damond import faults  # test support, loaded only when asked
+
+            faults.install_stall(loop)
         stopped = asyncio.ensure_future(stop.wait())
         disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
         await asyncio.wait([stopped, disconnected], return_when=asyncio.FIRST_COMPLETED)
@@ -186,29 +194,21 @@ def _quiet_after_disconnect(loop: asyncio.AbstractEventLoop, context: dict[str, 
     loop.default_exception_handler(context)
 
 
-STALL_FAULT_ENV = "DAMOND_FAULT_STALL_S"
-
-
-def _install_stall_fault(loop: asyncio.AbstractEventLoop) -> None:
-    """Fault injection for tests: with DAMOND_FAULT_STALL_S=N set, SIGUSR1 blocks
-    the event loop for N seconds (as a hung kernel read would), so a test can
-    watch the watchdog pings stop. Off unless the variable is set."""
-    seconds = os.environ.get(STALL_FAULT_ENV)
-    if not seconds:
-        return
-
-    def stall() -> None:
-        log.warning("fault injection: blocking the event loop for %s s", seconds)
-        time.sleep(float(seconds))
-
-    loop.add_signal_handler(signal.SIGUSR1, stall)
+def _faults_asked() -> bool:
+    """A DAMOND_FAULT_* variable is set: tests want fault injection (damond.faults)."""
+    return any(name.startswith("DAMOND_FAULT_") for name in os.environ)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     service.setup_logging(args.log_level)
+    daemon = Daemon()
+    if _faults_asked():
+        from damond import faults  # test support, loaded only when asked
+
+        daemon.wrap_ops = faults.wrap_ops
     try:
-        return asyncio.run(Daemon().serve(args.bus))
+        return asyncio.run(daemon.serve(args.bus))
     except Fatal as e:
         print(f"damond: {e}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
 Each names the object it is about (a sysfs-like relative path such as
 ``kdamonds/0/contexts/0``) and the rule that was broken; bus.py maps the kinds to
-the D-Bus error names of DESIGN.md §2.
+the D-Bus error names of docs/dbus-api.md.
 """
 
 from __future__ import annotations

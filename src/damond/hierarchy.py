@@ -1,10 +1,13 @@
 """The admin tree: Kdamonds → Kdamond → Context → Target → Region.
 
 This is DAMON's sysfs interface as a plain object model: every directory is a
-node, every file an attribute in a named group. It decides everything the
-contract says about values (defaults, `nr` semantics, validation, the on/off/
-commit state machine) and knows nothing of D-Bus: listeners are told what
-changed, and any transport can serve the tree.
+node, every file an Attribute declared once in its node's GROUPS (name, kind,
+default, check, how it is read and written). The tree decides what the
+contract says about the tree itself (defaults, `nr` semantics, the on/off/
+commit state machine); the rules a configuration must obey are the core's
+(monitor/config.py), and what an operations set needs is its table's
+(monitor/ops). It knows nothing of D-Bus: listeners are told what changed, and
+any transport can serve the tree.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from damond.errors import Busy, InvalidArgument, NoData, NotSupported
 from damond.monitor import ops
-from damond.monitor.config import PAGE_SIZE, Attrs, ContextConfig, TargetConfig
+from damond.monitor.config import Attrs, ConfigError, ContextConfig, TargetConfig
 from damond.monitor.ops import kernel_damon
+from damond.monitor.ops.process import process_problem
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -31,34 +35,82 @@ MAX_REGIONS = 4096
 """Region objects per target."""
 MAX_TREE_REGIONS = 16384
 """Region objects in the whole tree: bounds the tree's memory and GetManagedObjects."""
-MAX_NR_REGIONS = 10000
-"""A context's monitoring regions: `nr_regions max`, and the regions it starts
-with (min per target, or the target's own regions). Bounds the engine's memory
-and a Snapshot (24 bytes a region: 240 KB, marshalled in about 11 ms)."""
-MAX_REGION_END = 2**64 - PAGE_SIZE
-"""A region's end must stay representable once aligned up to a page."""
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+_BOUNDS = {"u32": (0, U32_MAX), "u64": (0, U64_MAX), "i32": (I32_MIN, I32_MAX)}
+
+DEFAULT_ATTRS = Attrs()
+"""The kernel's sysfs defaults, from the core's own definition."""
 
 
 @dataclass(frozen=True)
 class Attribute:
-    """One sysfs file: its name, value kind and whether clients may write it."""
+    """One sysfs file: its name, value kind, default, and how it is read and written.
+
+    kind is one of "u32", "i32", "u64", "str", "strlist". A stored file keeps
+    its value in the node's attribute ``field`` (set to ``default`` when the
+    node is made); others compute it. ``write`` is None for read-only files;
+    it raises a DamondError, changing nothing, to refuse a value.
+    """
 
     name: str
     kind: str
-    """One of "u32", "i32", "u64", "str", "strlist"."""
-    writable: bool
+    read: Callable[[Any], Any]
+    write: Callable[[Any, Any], None] | None = None
+    field: str | None = None
+    default: Any = None
+    announces: bool = False
+    """The write emits PropertiesChanged itself (state: on/off change more than one file)."""
+
+    @property
+    def writable(self) -> bool:
+        return self.write is not None
+
+    def check_kind(self, where: str, value: Any) -> None:
+        """Guard the value range of the kind, whatever the transport already checked."""
+        if self.kind in _BOUNDS:
+            lo, hi = _BOUNDS[self.kind]
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidArgument(where, f"{self.name} must be an integer in [{lo}, {hi}]")
+        elif self.kind == "str" and not isinstance(value, str):
+            raise InvalidArgument(where, f"{self.name} must be a string")
 
 
-def _rw(name: str, kind: str) -> Attribute:
-    return Attribute(name, kind, True)
+def stored(
+    name: str,
+    kind: str,
+    default: Any,
+    field: str | None = None,
+    check: Callable[[Any, Any], None] | None = None,
+) -> Attribute:
+    """A file whose value the node keeps; check(node, value) refuses before it is stored."""
+    attr = field or name
+
+    def write(node: Any, value: Any) -> None:
+        if check is not None:
+            check(node, value)
+        setattr(node, attr, value)
+
+    return Attribute(name, kind, lambda node: getattr(node, attr), write, attr, default)
 
 
-def _ro(name: str, kind: str) -> Attribute:
-    return Attribute(name, kind, False)
+def computed(name: str, kind: str, read: Callable[[Any], Any]) -> Attribute:
+    """A read-only file computed from the node."""
+    return Attribute(name, kind, read)
+
+
+def nr_of(collection: str, check: Callable[[Any, int], None] | None = None) -> Attribute:
+    """The `nr` file of a collection: refused under a running kdamond, then check(node, nr)."""
+
+    def write(node: Node, value: int) -> None:
+        node.refuse_if_running(f"{collection} nr")
+        if check is not None:
+            check(node, value)
+        node.collection(collection).resize(value)
+
+    return Attribute("nr", "u32", lambda node: len(node.collection(collection).items), write)
 
 
 class Monitor(Protocol):
@@ -87,23 +139,62 @@ class TreeListener(Protocol):
     def snapshot(self, context: Context, snapshot: Snapshot) -> None: ...
 
 
-class Node:
-    """A directory of the admin tree."""
+N = TypeVar("N", bound="Node")
 
-    GROUPS: dict[str, tuple[Attribute, ...]] = {}
+
+class Collection(Generic[N]):
+    """The children of one `nr` file: indices 0..nr-1, kept ones keep their values."""
+
+    def __init__(self, owner: Node, name: str, make: Callable[[str], N], cap: int) -> None:
+        self.owner = owner
+        self.name = name
+        self.make = make
+        self.cap = cap
+        self.items: list[N] = []
+
+    def resize(self, nr: int) -> None:
+        if nr > self.cap:
+            raise InvalidArgument(
+                self.owner.path, f"{self.name} nr {nr} is over the limit of {self.cap}"
+            )
+        tree = self.owner.tree
+        while len(self.items) > nr:
+            removed = self.items.pop()
+            for node in reversed(list(removed.walk())):
+                tree.emit_removed(node)
+        while len(self.items) < nr:
+            node = self.make(self.owner.child_path(self.name, len(self.items)))
+            self.items.append(node)
+            tree.emit_added(node)
+
+
+class Node:
+    """A directory of the admin tree; its files are the Attributes of GROUPS."""
+
+    GROUPS: ClassVar[dict[str, tuple[Attribute, ...]]] = {}
 
     def __init__(self, tree: Tree, path: str, parent: Node | None) -> None:
         self.tree = tree
         self.path = path
         self.parent = parent
+        for attrs in self.GROUPS.values():
+            for attr in attrs:
+                if attr.field is not None:
+                    setattr(self, attr.field, attr.default)
 
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
-    def collections(self) -> list[Collection]:
+    def collections(self) -> list[Collection[Any]]:
         """The `nr`-governed child directories of this node."""
         return []
+
+    def collection(self, name: str) -> Collection[Any]:
+        for c in self.collections():
+            if c.name == name:
+                return c
+        raise KeyError(name)
 
     def children(self) -> list[Node]:
         return [node for c in self.collections() for node in c.items]
@@ -125,21 +216,20 @@ class Node:
         raise InvalidArgument(self.path, f"no attribute {group}.{name}")
 
     def get(self, group: str, name: str) -> Any:
-        self.attribute(group, name)
-        return getattr(self, f"_get_{group}_{name}")()
-
-    def get_all(self, group: str) -> dict[str, Any]:
-        return {a.name: self.get(group, a.name) for a in self.GROUPS.get(group, ())}
+        return self.attribute(group, name).read(self)
 
     def set(self, group: str, name: str, value: Any) -> None:
         """Write one attribute; refused writes change nothing and raise DamondError."""
         attr = self.attribute(group, name)
-        if not attr.writable:
+        if attr.write is None:
             raise InvalidArgument(self.path, f"{name} is read-only")
-        _check_kind(self.path, attr, value)
-        old = self.get(group, name)
-        getattr(self, f"_set_{group}_{name}")(value)
-        new = self.get(group, name)
+        attr.check_kind(self.path, value)
+        if attr.announces:
+            attr.write(self, value)
+            return
+        old = attr.read(self)
+        attr.write(self, value)
+        new = attr.read(self)
         if new != old:
             self.tree.emit_changed(self, group, {name: new})
 
@@ -149,284 +239,43 @@ class Node:
             node = node.parent
         return node
 
-    def _refuse_if_running(self, what: str) -> None:
+    def refuse_if_running(self, what: str) -> None:
         kd = self.kdamond()
         if kd is not None and kd.running:
             raise Busy(self.path, f"cannot change {what} while {kd.path} is on")
 
 
-def _check_kind(where: str, attr: Attribute, value: Any) -> None:
-    """Guard the value range of each kind, whatever the transport already checked."""
-    bounds = {"u32": (0, U32_MAX), "u64": (0, U64_MAX), "i32": (I32_MIN, I32_MAX)}
-    if attr.kind in bounds:
-        lo, hi = bounds[attr.kind]
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise InvalidArgument(where, f"{attr.name} must be an integer in [{lo}, {hi}]")
-    elif attr.kind == "str" and not isinstance(value, str):
-        raise InvalidArgument(where, f"{attr.name} must be a string")
-
-
-class Collection:
-    """The children of one `nr` file: indices 0..nr-1, kept ones keep their values."""
-
-    def __init__(self, owner: Node, name: str, make: Callable[[str], Node], cap: int) -> None:
-        self.owner = owner
-        self.name = name
-        self.make = make
-        self.cap = cap
-        self.items: list[Node] = []
-
-    def resize(self, nr: int) -> None:
-        if nr > self.cap:
-            raise InvalidArgument(
-                self.owner.path, f"{self.name} nr {nr} is over the limit of {self.cap}"
-            )
-        tree = self.owner.tree
-        while len(self.items) > nr:
-            removed = self.items.pop()
-            for node in reversed(list(removed.walk())):
-                tree.emit_removed(node)
-        while len(self.items) < nr:
-            node = self.make(self.owner.child_path(self.name, len(self.items)))
-            self.items.append(node)
-            tree.emit_added(node)
-
-
 class Region(Node):
-    GROUPS = {"region": (_rw("start", "u64"), _rw("end", "u64"))}
+    GROUPS = {"region": (stored("start", "u64", 0), stored("end", "u64", 0))}
 
-    def __init__(self, tree: Tree, path: str, parent: Node) -> None:
-        super().__init__(tree, path, parent)
-        self.start = 0
-        self.end = 0
+    start: int
+    end: int
 
-    def _get_region_start(self) -> int:
-        return self.start
 
-    def _get_region_end(self) -> int:
-        return self.end
-
-    def _set_region_start(self, value: int) -> None:
-        self.start = value
-
-    def _set_region_end(self, value: int) -> None:
-        self.end = value
+def _check_tree_regions(target: Target, nr: int) -> None:
+    total = target.tree.count_regions() - len(target.regions.items) + nr
+    if nr <= MAX_REGIONS and total > MAX_TREE_REGIONS:
+        raise InvalidArgument(
+            target.path,
+            f"regions nr {nr} would make {total} regions in the tree, over the limit "
+            f"of {MAX_TREE_REGIONS}",
+        )
 
 
 class Target(Node):
-    GROUPS = {"target": (_rw("pid", "i32"),), "regions": (_rw("nr", "u32"),)}
-
-    def __init__(self, tree: Tree, path: str, parent: Node) -> None:
-        super().__init__(tree, path, parent)
-        self.pid = -1
-        self.regions = Collection(self, "regions", lambda p: Region(tree, p, self), MAX_REGIONS)
-
-    def collections(self) -> list[Collection]:
-        return [self.regions]
-
-    def _get_target_pid(self) -> int:
-        return self.pid
-
-    def _set_target_pid(self, value: int) -> None:
-        self.pid = value
-
-    def _get_regions_nr(self) -> int:
-        return len(self.regions.items)
-
-    def _set_regions_nr(self, value: int) -> None:
-        self._refuse_if_running("regions nr")
-        total = self.tree.count_regions() - len(self.regions.items) + value
-        if value <= MAX_REGIONS and total > MAX_TREE_REGIONS:
-            raise InvalidArgument(
-                self.path,
-                f"regions nr {value} would make {total} regions in the tree, over the limit "
-                f"of {MAX_TREE_REGIONS}",
-            )
-        self.regions.resize(value)
-
-
-class Context(Node):
     GROUPS = {
-        "context": (
-            _rw("operations", "str"),
-            _ro("avail_operations", "strlist"),
-            _rw("access_check", "str"),
-            _ro("avail_access_checks", "strlist"),
-        ),
-        "intervals": (_rw("sample_us", "u64"), _rw("aggr_us", "u64"), _rw("update_us", "u64")),
-        "nr_regions": (_rw("min", "u64"), _rw("max", "u64")),
-        "targets": (_rw("nr", "u32"),),
+        "target": (stored("pid", "i32", -1),),
+        "regions": (nr_of("regions", _check_tree_regions),),
     }
 
+    pid: int
+
     def __init__(self, tree: Tree, path: str, parent: Node) -> None:
         super().__init__(tree, path, parent)
-        defaults = Attrs()
-        self.operations = "vaddr"
-        self.access_check = "auto"
-        self.sample_us = defaults.sample_us
-        self.aggr_us = defaults.aggr_us
-        self.update_us = defaults.update_us
-        self.min_nr_regions = defaults.min_nr_regions
-        self.max_nr_regions = defaults.max_nr_regions
-        self.targets = Collection(self, "targets", lambda p: Target(tree, p, self), MAX_TARGETS)
-        self.latest: Snapshot | None = None
+        self.regions = Collection(self, "regions", lambda p: Region(tree, p, self), MAX_REGIONS)
 
-    def collections(self) -> list[Collection]:
-        return [self.targets]
-
-    def _get_context_operations(self) -> str:
-        return self.operations
-
-    def _set_context_operations(self, value: str) -> None:
-        if value not in ops.OPERATIONS:
-            raise InvalidArgument(
-                self.path,
-                f"operations {_shown(value)} is not one of {', '.join(ops.OPERATIONS)}",
-            )
-        if value not in ops.available_operations():
-            raise NotSupported(self.path, ops.why_unavailable(value))
-        self.operations = value
-
-    def _get_context_avail_operations(self) -> list[str]:
-        return list(ops.available_operations())
-
-    def _get_context_access_check(self) -> str:
-        return self.access_check
-
-    def _set_context_access_check(self, value: str) -> None:
-        known = ("auto", *ops.ACCESS_CHECKS)
-        if value not in known:
-            raise InvalidArgument(
-                self.path, f"access_check {_shown(value)} is not one of {', '.join(known)}"
-            )
-        if value != "auto" and value not in ops.available_access_checks():
-            raise NotSupported(self.path, ops.why_unavailable(value))
-        self.access_check = value
-
-    def _get_context_avail_access_checks(self) -> list[str]:
-        return list(ops.available_access_checks())
-
-    def _get_intervals_sample_us(self) -> int:
-        return self.sample_us
-
-    def _set_intervals_sample_us(self, value: int) -> None:
-        self.sample_us = value
-
-    def _get_intervals_aggr_us(self) -> int:
-        return self.aggr_us
-
-    def _set_intervals_aggr_us(self, value: int) -> None:
-        self.aggr_us = value
-
-    def _get_intervals_update_us(self) -> int:
-        return self.update_us
-
-    def _set_intervals_update_us(self, value: int) -> None:
-        self.update_us = value
-
-    def _get_nr_regions_min(self) -> int:
-        return self.min_nr_regions
-
-    def _set_nr_regions_min(self, value: int) -> None:
-        self.min_nr_regions = value
-
-    def _get_nr_regions_max(self) -> int:
-        return self.max_nr_regions
-
-    def _set_nr_regions_max(self, value: int) -> None:
-        self.max_nr_regions = value
-
-    def _get_targets_nr(self) -> int:
-        return len(self.targets.items)
-
-    def _set_targets_nr(self, value: int) -> None:
-        self._refuse_if_running("targets nr")
-        self.targets.resize(value)
-
-    def get_snapshot(self) -> Snapshot:
-        if self.latest is None:
-            raise NoData(self.path, "no snapshot yet: the context has not completed an aggregation")
-        return self.latest
-
-    def config(self) -> ContextConfig:
-        """Validate this context for `on`/`commit` and freeze it for the engine."""
-        where = self.path
-        if self.min_nr_regions < 3:
-            raise InvalidArgument(where, f"nr_regions min must be >= 3, is {self.min_nr_regions}")
-        if self.min_nr_regions > self.max_nr_regions:
-            raise InvalidArgument(
-                where,
-                f"nr_regions min ({self.min_nr_regions}) must be <= max ({self.max_nr_regions})",
-            )
-        if self.sample_us == 0:
-            raise InvalidArgument(where, "intervals sample_us must be > 0")
-        if self.sample_us > self.aggr_us:
-            raise InvalidArgument(
-                where,
-                f"intervals sample_us ({self.sample_us}) must be <= aggr_us ({self.aggr_us})",
-            )
-        if self.update_us == 0:
-            raise InvalidArgument(where, "intervals update_us must be > 0")
-        if self.max_nr_regions > MAX_NR_REGIONS:
-            raise InvalidArgument(
-                where,
-                f"nr_regions max ({self.max_nr_regions}) must be <= {MAX_NR_REGIONS} "
-                "(damond's limit)",
-            )
-        if self.operations not in ops.available_operations():
-            raise NotSupported(where, ops.why_unavailable(self.operations))
-        try:
-            access_check = ops.resolve_access_check(self.access_check, self.operations)
-        except ops.Unsupported as e:
-            raise NotSupported(where, str(e)) from None
-        except ValueError as e:
-            raise InvalidArgument(where, str(e)) from None
-        targets = tuple(self._target_config(i, t) for i, t in enumerate(self.targets.items))
-        initial = sum(len(t.regions) or self.min_nr_regions for t in targets)
-        if initial > MAX_NR_REGIONS:
-            raise InvalidArgument(
-                where,
-                f"would start with {initial} regions (nr_regions min or the target's own "
-                f"regions, per target), over damond's limit of {MAX_NR_REGIONS}",
-            )
-        if self.operations == "vaddr" and not targets:
-            raise InvalidArgument(where, "vaddr needs at least one target (targets nr is 0)")
-        if self.operations == "paddr" and len(targets) > 1:
-            raise InvalidArgument(where, f"paddr takes at most one target, has {len(targets)}")
-        attrs = Attrs(
-            sample_us=self.sample_us,
-            aggr_us=self.aggr_us,
-            update_us=self.update_us,
-            min_nr_regions=self.min_nr_regions,
-            max_nr_regions=self.max_nr_regions,
-        )
-        return ContextConfig(self.operations, access_check, attrs, targets)
-
-    def _target_config(self, index: int, target: Node) -> TargetConfig:
-        assert isinstance(target, Target)
-        regions = tuple((r.start, r.end) for r in target.regions.items if isinstance(r, Region))
-        for r, (start, end) in zip(target.regions.items, regions, strict=True):
-            if start >= end:
-                raise InvalidArgument(r.path, f"start ({start:#x}) must be < end ({end:#x})")
-            if end > MAX_REGION_END:
-                raise InvalidArgument(
-                    r.path, f"end ({end:#x}) must be <= {MAX_REGION_END:#x} (the last page)"
-                )
-        for (_, prev_end), r, (start, _) in zip(
-            regions, target.regions.items[1:], regions[1:], strict=False
-        ):
-            if start < prev_end:
-                raise InvalidArgument(
-                    r.path,
-                    f"regions must be sorted and not overlap: start {start:#x} < previous "
-                    f"region's end {prev_end:#x}",
-                )
-        if self.operations == "fvaddr" and not regions:
-            raise InvalidArgument(target.path, "fvaddr needs at least one region (regions nr is 0)")
-        if self.operations in ("vaddr", "fvaddr") and not _process_exists(target.pid):
-            raise InvalidArgument(target.path, f"pid {target.pid} is not a live process")
-        pid = target.pid if self.operations != "paddr" else -1
-        return TargetConfig(index=index, pid=pid, regions=regions)
+    def collections(self) -> list[Collection[Any]]:
+        return [self.regions]
 
 
 def _shown(value: str, limit: int = 64) -> str:
@@ -436,20 +285,130 @@ def _shown(value: str, limit: int = 64) -> str:
     return f"{value[:limit]!r}… ({len(value)} characters)"
 
 
-def _process_exists(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has no memory left to monitor
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+def _check_operations(context: Context, value: str) -> None:
+    registry = context.tree.registry
+    if value not in registry.operations_names:
+        raise InvalidArgument(
+            context.path,
+            f"operations {_shown(value)} is not one of {', '.join(registry.operations_names)}",
+        )
+    if value not in registry.available_operations():
+        raise NotSupported(context.path, registry.why_unavailable(value))
+
+
+def _check_access_check(context: Context, value: str) -> None:
+    registry = context.tree.registry
+    known = (ops.AUTO, *registry.access_check_names)
+    if value not in known:
+        raise InvalidArgument(
+            context.path, f"access_check {_shown(value)} is not one of {', '.join(known)}"
+        )
+    if value != ops.AUTO and value not in registry.available_access_checks():
+        raise NotSupported(context.path, registry.why_unavailable(value))
+
+
+def _effective_access_check(context: Context) -> str:
+    kdamond = context.kdamond()
+    config = kdamond.running_config if kdamond is not None else None
+    return config.access_check if config is not None else ""
+
+
+class Context(Node):
+    GROUPS = {
+        "context": (
+            stored("operations", "str", ops.VADDR.name, check=_check_operations),
+            computed(
+                "avail_operations", "strlist", lambda c: c.tree.registry.available_operations()
+            ),
+            stored("access_check", "str", ops.AUTO, check=_check_access_check),
+            computed(
+                "avail_access_checks",
+                "strlist",
+                lambda c: c.tree.registry.available_access_checks(),
+            ),
+            computed("effective_access_check", "str", _effective_access_check),
+        ),
+        "intervals": (
+            stored("sample_us", "u64", DEFAULT_ATTRS.sample_us),
+            stored("aggr_us", "u64", DEFAULT_ATTRS.aggr_us),
+            stored("update_us", "u64", DEFAULT_ATTRS.update_us),
+        ),
+        "nr_regions": (
+            stored("min", "u64", DEFAULT_ATTRS.min_nr_regions, field="min_nr_regions"),
+            stored("max", "u64", DEFAULT_ATTRS.max_nr_regions, field="max_nr_regions"),
+        ),
+        "targets": (nr_of("targets"),),
+    }
+
+    operations: str
+    access_check: str
+    sample_us: int
+    aggr_us: int
+    update_us: int
+    min_nr_regions: int
+    max_nr_regions: int
+
+    def __init__(self, tree: Tree, path: str, parent: Node) -> None:
+        super().__init__(tree, path, parent)
+        self.targets = Collection(self, "targets", lambda p: Target(tree, p, self), MAX_TARGETS)
+        self.latest: Snapshot | None = None
+
+    def collections(self) -> list[Collection[Any]]:
+        return [self.targets]
+
+    def get_snapshot(self) -> Snapshot:
+        if self.latest is None:
+            raise NoData(self.path, "no snapshot yet: the context has not completed an aggregation")
+        return self.latest
+
+    def config(self) -> ContextConfig:
+        """Validate this context for `on`/`commit` and freeze it for the engine.
+
+        The attributes first (the core's rules), then what this host can
+        run, then the targets (the core's rules and the operations set's).
+        """
+        attrs = Attrs(
+            sample_us=self.sample_us,
+            aggr_us=self.aggr_us,
+            update_us=self.update_us,
+            min_nr_regions=self.min_nr_regions,
+            max_nr_regions=self.max_nr_regions,
+        )
+        self._checked(attrs.validate)
+        registry = self.tree.registry
+        if self.operations not in registry.available_operations():
+            raise NotSupported(self.path, registry.why_unavailable(self.operations))
+        operations = registry.operations(self.operations)
+        try:
+            access_check = registry.resolve_access_check(self.access_check, operations.name)
+        except ops.Unsupported as e:
+            raise NotSupported(self.path, str(e)) from None
+        except ValueError as e:
+            raise InvalidArgument(self.path, str(e)) from None
+        targets = tuple(
+            TargetConfig(
+                index=i,
+                pid=t.pid if operations.target_has_pid else -1,
+                regions=tuple((r.start, r.end) for r in t.regions.items),
+            )
+            for i, t in enumerate(self.targets.items)
+        )
+        config = ContextConfig(operations, access_check, attrs, targets)
+        self._checked(config.validate)
+        if operations.target_has_pid:
+            for target, tc in zip(self.targets.items, targets, strict=True):
+                problem = process_problem(tc.pid)
+                if problem:
+                    raise InvalidArgument(target.path, problem)
+        return config
+
+    def _checked(self, validate: Callable[[], Any]) -> None:
+        """Run one of the core's validations, its error named after this tree's object."""
+        try:
+            validate()
+        except ConfigError as e:
+            where = f"{self.path}/{e.where}" if e.where else self.path
+            raise InvalidArgument(where, e.rule) from None
 
 
 STATE_ON = "on"
@@ -457,10 +416,35 @@ STATE_OFF = "off"
 STATE_COMMIT = "commit"
 
 
+def _write_state(kdamond: Kdamond, value: str) -> None:
+    if value == STATE_ON:
+        kdamond.turn_on()
+    elif value == STATE_OFF:
+        kdamond.turn_off("stopped by request")
+    elif value == STATE_COMMIT:
+        kdamond.commit()
+    else:
+        raise InvalidArgument(kdamond.path, f"state must be on, off or commit, not {_shown(value)}")
+
+
+def _check_contexts_nr(kdamond: Kdamond, nr: int) -> None:
+    if nr > 1:
+        raise InvalidArgument(kdamond.path, f"contexts nr must be 0 or 1, not {nr}")
+
+
 class Kdamond(Node):
     GROUPS = {
-        "kdamond": (_rw("state", "str"), _ro("pid", "i32")),
-        "contexts": (_rw("nr", "u32"),),
+        "kdamond": (
+            Attribute(
+                "state",
+                "str",
+                lambda k: STATE_ON if k.running else STATE_OFF,
+                _write_state,
+                announces=True,
+            ),
+            computed("pid", "i32", lambda k: os.getpid() if k.running else -1),
+        ),
+        "contexts": (nr_of("contexts", _check_contexts_nr),),
     }
 
     def __init__(self, tree: Tree, path: str, parent: Node) -> None:
@@ -474,39 +458,8 @@ class Kdamond(Node):
     def running(self) -> bool:
         return self.monitor is not None
 
-    def collections(self) -> list[Collection]:
+    def collections(self) -> list[Collection[Any]]:
         return [self.contexts]
-
-    def _get_kdamond_state(self) -> str:
-        return STATE_ON if self.running else STATE_OFF
-
-    def _get_kdamond_pid(self) -> int:
-        return os.getpid() if self.running else -1
-
-    def _get_contexts_nr(self) -> int:
-        return len(self.contexts.items)
-
-    def _set_contexts_nr(self, value: int) -> None:
-        self._refuse_if_running("contexts nr")
-        if value > 1:
-            raise InvalidArgument(self.path, f"contexts nr must be 0 or 1, not {value}")
-        self.contexts.resize(value)
-
-    def set(self, group: str, name: str, value: Any) -> None:
-        if (group, name) != ("kdamond", "state"):
-            super().set(group, name, value)
-            return
-        _check_kind(self.path, self.attribute(group, name), value)
-        if value == STATE_ON:
-            self.turn_on()
-        elif value == STATE_OFF:
-            self.turn_off("stopped by request")
-        elif value == STATE_COMMIT:
-            self.commit()
-        else:
-            raise InvalidArgument(
-                self.path, f"state must be on, off or commit, not {_shown(value)}"
-            )
 
     def _context(self) -> Context:
         if len(self.contexts.items) != 1:
@@ -514,9 +467,7 @@ class Kdamond(Node):
                 self.path,
                 f"needs exactly one context (contexts nr is {len(self.contexts.items)})",
             )
-        context = self.contexts.items[0]
-        assert isinstance(context, Context)
-        return context
+        return self.contexts.items[0]
 
     def turn_on(self) -> None:
         if self.running:
@@ -540,13 +491,13 @@ class Kdamond(Node):
         log.info(
             "%s on: %s/%s, %d target(s) %s",
             self.path,
-            config.operations,
+            config.operations.name,
             config.access_check,
             len(config.targets),
             [t.pid for t in config.targets],
             extra={
                 "KDAMOND": self.name,
-                "OPERATIONS": config.operations,
+                "OPERATIONS": config.operations.name,
                 "ACCESS_CHECK": config.access_check,
                 "TARGET_PID": ",".join(str(t.pid) for t in config.targets),
             },
@@ -554,6 +505,7 @@ class Kdamond(Node):
         warning = kernel_damon.interference_warning()
         if warning:
             log.warning("%s: %s", self.path, warning, extra={"KDAMOND": self.name})
+        self._announce_effective(context)
         self.tree.emit_changed(self, "kdamond", {"state": STATE_ON, "pid": os.getpid()})
 
     def turn_off(self, reason: str) -> None:
@@ -564,7 +516,16 @@ class Kdamond(Node):
         self.running_config = None
         monitor.stop()
         log.info("%s off: %s", self.path, reason, extra={"KDAMOND": self.name})
+        if self.contexts.items:
+            self._announce_effective(self.contexts.items[0])
         self.tree.emit_changed(self, "kdamond", {"state": STATE_OFF, "pid": -1})
+
+    def _announce_effective(self, context: Context) -> None:
+        """The effective_* files change with the state: say so as for any file, before
+        the state itself, so that whoever reacts to the state reads them changed."""
+        self.tree.emit_changed(
+            context, "context", {"effective_access_check": _effective_access_check(context)}
+        )
 
     def commit(self) -> None:
         if self.monitor is None:
@@ -575,31 +536,31 @@ class Kdamond(Node):
         log.info("%s commit", self.path, extra={"KDAMOND": self.name})
 
 
+def _check_no_kdamond_runs(root: Kdamonds, nr: int) -> None:
+    running = [k.path for k in root.kdamonds.items if k.running]
+    if running:
+        raise Busy(root.path, f"cannot change nr while {running[0]} is on")
+
+
 class Kdamonds(Node):
-    GROUPS = {"kdamonds": (_rw("nr", "u32"),)}
+    GROUPS = {"kdamonds": (nr_of("kdamonds", _check_no_kdamond_runs),)}
 
     def __init__(self, tree: Tree) -> None:
         super().__init__(tree, "", None)
         self.kdamonds = Collection(self, "kdamonds", lambda p: Kdamond(tree, p, self), MAX_KDAMONDS)
 
-    def collections(self) -> list[Collection]:
+    def collections(self) -> list[Collection[Any]]:
         return [self.kdamonds]
-
-    def _get_kdamonds_nr(self) -> int:
-        return len(self.kdamonds.items)
-
-    def _set_kdamonds_nr(self, value: int) -> None:
-        running = [k.path for k in self.kdamonds.items if isinstance(k, Kdamond) and k.running]
-        if running:
-            raise Busy(self.path, f"cannot change nr while {running[0]} is on")
-        self.kdamonds.resize(value)
 
 
 class Tree:
-    """The whole admin tree, with its listeners and the monitor factory."""
+    """The whole admin tree, with its listeners, the monitor factory and the ops tables."""
 
-    def __init__(self, monitor_factory: MonitorFactory) -> None:
+    def __init__(
+        self, monitor_factory: MonitorFactory, registry: ops.Registry = ops.REGISTRY
+    ) -> None:
         self.monitor_factory = monitor_factory
+        self.registry = registry
         self.listeners: list[TreeListener] = []
         self.root = Kdamonds(self)
 
@@ -609,27 +570,26 @@ class Tree:
         parts = path.split("/") if path else []
         if len(parts) % 2:
             return None
-        for collection, index in zip(parts[::2], parts[1::2], strict=True):
-            items = getattr(node, collection, None)
-            if not isinstance(items, Collection) or not index.isdigit():
+        for name, index in zip(parts[::2], parts[1::2], strict=True):
+            try:
+                items = node.collection(name).items
+            except KeyError:
                 return None
-            if str(int(index)) != index or int(index) >= len(items.items):
+            if not index.isdigit() or str(int(index)) != index or int(index) >= len(items):
                 return None
-            node = items.items[int(index)]
+            node = items[int(index)]
         return node
 
     def kdamonds(self) -> list[Kdamond]:
-        return [k for k in self.root.kdamonds.items if isinstance(k, Kdamond)]
+        return list(self.root.kdamonds.items)
 
     def count_regions(self) -> int:
         """Region objects in the whole tree (for MAX_TREE_REGIONS)."""
         return sum(
             len(target.regions.items)
-            for kdamond in self.kdamonds()
+            for kdamond in self.root.kdamonds.items
             for context in kdamond.contexts.items
-            if isinstance(context, Context)
             for target in context.targets.items
-            if isinstance(target, Target)
         )
 
     def stop_all(self, reason: str) -> None:

@@ -111,7 +111,7 @@ class ServiceStatus:
             assert config is not None
             regions = self._regions.get(kdamond.child_path("contexts", 0))
             parts.append(
-                f"{kdamond.path} {config.operations}/{config.access_check} "
+                f"{kdamond.path} {config.operations.name}/{config.access_check} "
                 f"{len(config.targets)} target(s)"
                 + (f" {regions} regions" if regions is not None else "")
             )

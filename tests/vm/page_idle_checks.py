@@ -33,6 +33,8 @@ from damond.monitor.ops import page_idle as pi
 
 MiB = 1 << 20
 PAGE = pi.KERNEL_PAGE
+KPF_THP = 1 << 22
+"""/proc/kpageflags: the page belongs to a transparent huge page."""
 BUFFER = 64 * MiB
 SAMPLES = 400
 """Sampled addresses per half: the engine's one page per region, 400 regions' worth."""
@@ -186,7 +188,7 @@ def virtual_halves(advice: str) -> dict[str, Any]:
         addrs, n = written_and_untouched(c, seed=1)
         flags = kpageflags_of(pfns_of(c.pid, addrs))
         out["sampled_tails"] = int(np.count_nonzero(flags & np.uint64(pi.KPF_COMPOUND_TAIL)))
-        out["sampled_thp"] = int(np.count_nonzero(flags & np.uint64(pi.KPF_THP)))
+        out["sampled_thp"] = int(np.count_nonzero(flags & np.uint64(KPF_THP)))
         access = pi.PageIdleAccess(seed=0)
         try:
             out["touched"] = halves_report(one_sample(access, c.target, addrs, c.touch), n)
@@ -352,16 +354,18 @@ def check_exit() -> dict[str, Any]:
 
 def check_registry() -> dict[str, Any]:
     """(f) what the daemon would offer on this kernel."""
-    ops.reset_cache()
-    access = ops.make_access("page_idle")
+    registry = ops.Registry()
+    table = ops.ProcessTable()
+    access = registry.make_access("page_idle", table)
     access.close()
+    table.close()
     return {
-        "avail_access_checks": ops.available_access_checks(),
-        "avail_operations": ops.available_operations(),
-        "auto_vaddr": ops.resolve_access_check("auto", "vaddr"),
-        "auto_paddr": ops.resolve_access_check("auto", "paddr"),
-        "why_page_idle": ops.why_unavailable("page_idle"),
-        "why_paddr": ops.why_unavailable("paddr"),
+        "avail_access_checks": registry.available_access_checks(),
+        "avail_operations": registry.available_operations(),
+        "auto_vaddr": registry.resolve_access_check("auto", "vaddr"),
+        "auto_paddr": registry.resolve_access_check("auto", "paddr"),
+        "why_page_idle": registry.why_unavailable("page_idle"),
+        "why_paddr": registry.why_unavailable("paddr"),
         "made": type(access).__name__,
     }
 

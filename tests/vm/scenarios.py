@@ -128,7 +128,7 @@ PROT_NONE = 0
 def _map_buffer(length: int, thp: bool) -> int:
     """One anonymous mapping between two GUARD reservations; with thp, 2 MiB aligned and
     MADV_HUGEPAGE (else MADV_NOHUGEPAGE)."""
-    from damond.workload import check_errno, libc, map_anonymous
+    from damond.tools.workload import check_errno, libc, map_anonymous
 
     align = HUGE if thp else PAGE
     reserved = map_anonymous(length + 2 * GUARD + align, prot=PROT_NONE)
@@ -157,7 +157,7 @@ def flush_tlb(scratch: int) -> None:
     real hardware a 32 MiB working set (8192 pages) evicts a TLB of a few thousand
     entries within every pass; one flush per pass stands in for that capacity.
     """
-    from damond.workload import libc
+    from damond.tools.workload import libc
 
     length = TLB_SCRATCH_PAGES * PAGE
     libc.mprotect(scratch, length, mmap.PROT_READ)
@@ -166,7 +166,7 @@ def flush_tlb(scratch: int) -> None:
 
 def workload_main(argv: Sequence[str]) -> int:
     """The workload process (see the module docstring)."""
-    from damond.workload import libc, map_anonymous, view
+    from damond.tools.workload import libc, map_anonymous, view
 
     parser = argparse.ArgumentParser(prog="scenarios.py workload")
     parser.add_argument("--size-mib", type=int, default=64)
@@ -450,8 +450,8 @@ class Daemon:
 
     @classmethod
     async def start(cls, workdir: Path) -> Daemon:
-        from damond import client
-        from damond.privatebus import spawn_daemon, start_private_bus, wait_for_name
+        from damond.tools import client
+        from damond.tools.privatebus import spawn_daemon, start_private_bus, wait_for_name
 
         bus = start_private_bus()
         log_path = workdir / "damond.log"
@@ -499,24 +499,24 @@ class Daemon:
         return Snap.from_body(json.loads(out)["data"])
 
     async def set(self, path: str, iface: str, name: str, sig: str, value: Any) -> None:
-        from damond import client
+        from damond.tools import client
 
         await client.set_property(self.client, path, iface, name, sig, value)
 
     async def get(self, path: str, iface: str, name: str) -> Any:
-        from damond import client
+        from damond.tools import client
 
         return await client.get_property(self.client, path, iface, name)
 
     async def snapshot(self) -> Snap:
-        from damond import client
+        from damond.tools import client
 
         body = await client.call(self.client, C0, "org.damond1.Context", "GetSnapshot")
         return Snap.from_body(body)
 
     async def subscribe(self, rule: str, match: Callable[[Any], bool]) -> asyncio.Queue[Any]:
         """Messages matching rule (an AddMatch rule) and match(), queued as they arrive."""
-        from damond import client
+        from damond.tools import client
 
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -826,7 +826,7 @@ async def monitoring_window(
 
 
 async def damond_walkthrough(run: Run, wl: Workload, record: dict[str, Any]) -> None:
-    """DESIGN.md §2's walkthrough with busctl; the snapshot read with busctl's GetSnapshot."""
+    """The README's walkthrough with busctl; the snapshot read with busctl's GetSnapshot."""
     async with running_daemon(run.workdir, record) as d:
         queue = await d.snapshots()
         d.busctl_set(ROOT, "org.damond1.Kdamonds", "nr", "u", 1)

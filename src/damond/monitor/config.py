@@ -1,16 +1,46 @@
-"""The frozen, validated configuration the admin tree hands to the engine.
+"""The frozen, validated configuration the engine runs on, and the rules it must obey.
 
-The tree (hierarchy.py) owns mutable, user-edited values; the engine only ever
-sees these immutable snapshots of them, so a write that is later refused can
-never leak into a running monitor.
+The admin tree (hierarchy.py) owns mutable, user-edited values; the engine only
+ever sees these immutable snapshots of them, so a write that is later refused
+can never leak into a running monitor. As the kernel's damon_set_attrs does for
+every caller, the rules live here, with the values: whoever builds an engine
+(the daemon, a test, a benchmark) goes through ContextConfig.validate().
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from damond.monitor.ops.base import Operations
 
 PAGE_SIZE = 4096
 """DAMON_MIN_REGION: regions are page aligned and at least one page long."""
+
+MIN_NR_REGIONS = 3
+"""The kernel's lower bound on nr_regions min (damon_set_attrs)."""
+MAX_NR_REGIONS = 10000
+"""damond's bound on a context's monitoring regions: `nr_regions max`, and the
+regions it starts with (min per target, or the target's own regions). Bounds
+the engine's memory and a Snapshot (24 bytes a region: 240 KB, marshalled in
+about 11 ms)."""
+MAX_REGION_END = 2**64 - PAGE_SIZE
+"""A region's end must stay representable once aligned up to a page."""
+
+
+class ConfigError(ValueError):
+    """A configuration the rules refuse.
+
+    ``where`` is relative to the context ('' for the context itself,
+    ``targets/0``, ``targets/0/regions/1``), so that the admin tree can name
+    its own object; ``rule`` says what was wrong, with the values.
+    """
+
+    def __init__(self, where: str, rule: str) -> None:
+        super().__init__(f"{where}: {rule}" if where else rule)
+        self.where = where
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -32,6 +62,32 @@ class Attrs:
     def samples_per_update(self) -> int:
         return max(1, self.update_us // self.sample_us)
 
+    def validate(self) -> None:
+        """damon_set_attrs' rules, and damond's region bound; ConfigError if broken."""
+        if self.min_nr_regions < MIN_NR_REGIONS:
+            raise ConfigError(
+                "", f"nr_regions min must be >= {MIN_NR_REGIONS}, is {self.min_nr_regions}"
+            )
+        if self.min_nr_regions > self.max_nr_regions:
+            raise ConfigError(
+                "",
+                f"nr_regions min ({self.min_nr_regions}) must be <= max ({self.max_nr_regions})",
+            )
+        if self.sample_us <= 0:
+            raise ConfigError("", "intervals sample_us must be > 0")
+        if self.sample_us > self.aggr_us:
+            raise ConfigError(
+                "", f"intervals sample_us ({self.sample_us}) must be <= aggr_us ({self.aggr_us})"
+            )
+        if self.update_us <= 0:
+            raise ConfigError("", "intervals update_us must be > 0")
+        if self.max_nr_regions > MAX_NR_REGIONS:
+            raise ConfigError(
+                "",
+                f"nr_regions max ({self.max_nr_regions}) must be <= {MAX_NR_REGIONS} "
+                "(damond's limit)",
+            )
+
 
 @dataclass(frozen=True)
 class TargetConfig:
@@ -39,16 +95,81 @@ class TargetConfig:
 
     index: int
     pid: int = -1
+    """-1 where the operations set's targets have no process (paddr)."""
     regions: tuple[tuple[int, int], ...] = ()
     """User-given regions as [start, end) pairs; when present they are the start."""
+
+    def validate(self) -> None:
+        """Regions non-empty, within the address space, sorted and apart."""
+        where = f"targets/{self.index}"
+        prev_end = 0
+        for i, (start, end) in enumerate(self.regions):
+            region = f"{where}/regions/{i}"
+            if start >= end:
+                raise ConfigError(region, f"start ({start:#x}) must be < end ({end:#x})")
+            if end > MAX_REGION_END:
+                raise ConfigError(
+                    region, f"end ({end:#x}) must be <= {MAX_REGION_END:#x} (the last page)"
+                )
+            if i and start < prev_end:
+                raise ConfigError(
+                    region,
+                    f"regions must be sorted and not overlap: start {start:#x} < previous "
+                    f"region's end {prev_end:#x}",
+                )
+            prev_end = end
+
+
+def _count(n: int, noun: str) -> str:
+    return f"one {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @dataclass(frozen=True)
 class ContextConfig:
     """What one context monitors and how: operations, access check, attrs, targets."""
 
-    operations: str
+    operations: Operations
+    """The operations set's table (monitor/ops): its rules and its address space."""
     access_check: str
     """Resolved name of the access check (never ``auto``)."""
     attrs: Attrs
     targets: tuple[TargetConfig, ...]
+
+    def validate(self) -> ContextConfig:
+        """Every rule a context must obey before an engine takes it; returns self.
+
+        The attributes' rules first, then each target's regions, then what
+        the operations set asks of its targets (how many, with regions, with
+        a process or not), then damond's bound on the regions to start with.
+        """
+        self.attrs.validate()
+        ops = self.operations
+        for target in self.targets:
+            target.validate()
+            where = f"targets/{target.index}"
+            if ops.needs_regions and not target.regions:
+                raise ConfigError(
+                    where, f"{ops.name} needs at least one region (regions nr is 0)"
+                )
+            if not ops.target_has_pid and target.pid != -1:
+                raise ConfigError(where, f"{ops.name} targets have no process (pid must be -1)")
+        initial = sum(len(t.regions) or self.attrs.min_nr_regions for t in self.targets)
+        if initial > MAX_NR_REGIONS:
+            raise ConfigError(
+                "",
+                f"would start with {initial} regions (nr_regions min or the target's own "
+                f"regions, per target), over damond's limit of {MAX_NR_REGIONS}",
+            )
+        if len(self.targets) < ops.min_targets:
+            raise ConfigError(
+                "",
+                f"{ops.name} needs at least {_count(ops.min_targets, 'target')} "
+                f"(targets nr is {len(self.targets)})",
+            )
+        if ops.max_targets is not None and len(self.targets) > ops.max_targets:
+            raise ConfigError(
+                "",
+                f"{ops.name} takes at most {_count(ops.max_targets, 'target')}, "
+                f"has {len(self.targets)}",
+            )
+        return self

@@ -4,7 +4,8 @@ The engine is synchronous and owns no thread and no clock of its own: a runner
 calls prepare(), sleeps for sample_us, calls check(), and publishes the
 Snapshot that check() returns at each aggregation. Everything is counted in
 samples, as the kernel does since v6.7, so a slow sample delays an aggregation
-instead of shortening it.
+instead of shortening it. Configurations are validated on the way in
+(ContextConfig.validate), as damon_set_attrs guards the kernel's core.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Engine:
         rng: np.random.Generator | None = None,
         clock: Callable[[], int] = realtime_us,
     ) -> None:
-        self._config = config
+        self._config = config.validate()
         self._space = space
         self._access = access
         self._rng = rng if rng is not None else np.random.default_rng()
@@ -109,7 +110,11 @@ class Engine:
         self._started = True
 
     def commit(self, config: ContextConfig) -> None:
-        """Take a new configuration at the next aggregation boundary (any thread)."""
+        """Take a new configuration at the next aggregation boundary (any thread).
+
+        ConfigError, now, for one the rules refuse.
+        """
+        config.validate()
         if not self._started:
             self._config = config
             return
@@ -117,11 +122,9 @@ class Engine:
             self._pending = config
 
     def close(self) -> None:
-        """Release the ops' files: the access check's, and the space's when it has any."""
+        """Release the ops' files: the access check's and the space's."""
         self._access.close()
-        close_space = getattr(self._space, "close", None)
-        if close_space is not None:
-            close_space()
+        self._space.close()
 
     # -- one sample ---------------------------------------------------------------------------
 
@@ -211,7 +214,6 @@ class Engine:
 
     def _snapshot(self) -> Snapshot:
         self._seq += 1
-        paddr = self._config.operations == "paddr"
         return Snapshot(
             seq=self._seq,
             timestamp_us=self._clock(),
@@ -219,7 +221,7 @@ class Engine:
             targets=tuple(
                 TargetSnapshot(
                     index=t.config.index,
-                    pid=-1 if paddr else t.config.pid,
+                    pid=t.config.pid,
                     starts=t.regions.starts.copy(),
                     ends=t.regions.ends.copy(),
                     nr_accesses=t.regions.nr_accesses.copy(),

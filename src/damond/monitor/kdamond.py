@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from damond.monitor import ops
 from damond.monitor.config import ContextConfig
 from damond.monitor.engine import Engine
+from damond.monitor.ops import AccessCheck, AddressSpace
 from damond.monitor.ops.process import ProcessTable
 from damond.monitor.snapshot import Snapshot
 
@@ -39,6 +37,10 @@ MAX_UNPUBLISHED = 8
 (a seq gap) so that a busy loop costs snapshots, never memory."""
 
 
+OpsWrapper = Callable[[str, AddressSpace, AccessCheck], tuple[AddressSpace, AccessCheck]]
+"""(kdamond name, space, access check) -> the ops the engine uses instead (fault injection)."""
+
+
 class KdamondTask:
     """One running kdamond: started on creation, stopped by stop() or by itself."""
 
@@ -48,8 +50,12 @@ class KdamondTask:
         config: ContextConfig,
         on_snapshot: Callable[[Snapshot], None],
         on_stop: Callable[[str], None],
+        registry: ops.Registry = ops.REGISTRY,
+        wrap_ops: OpsWrapper | None = None,
     ) -> None:
         self.name = name
+        self._registry = registry
+        self._wrap_ops = wrap_ops
         self._on_snapshot = on_snapshot
         self._on_stop = on_stop
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdamond.{name}")
@@ -59,7 +65,6 @@ class KdamondTask:
         self._unpublished: collections.deque[Snapshot] = collections.deque(maxlen=MAX_UNPUBLISHED)
         self._publish_lock = threading.Lock()
         self._publish_scheduled = False
-        self.snapshots_dropped = 0
         self._loop = asyncio.get_running_loop()
         self._task = self._loop.create_task(self._run(), name=f"kdamond.{name}")
 
@@ -104,7 +109,9 @@ class KdamondTask:
         processes = ProcessTable()  # shared by space and access check: one pin per pid
         engine: Engine | None = None
         try:
-            engine = _engine_for(self.name, self._config, processes)
+            engine = _engine_for(
+                self.name, self._config, processes, self._registry, self._wrap_ops
+            )
             handed = self._config
             engine.start()
             return self._sample_loop(engine, handed, processes)
@@ -144,9 +151,7 @@ class KdamondTask:
     def _publish(self, snapshot: Snapshot) -> None:
         """From the worker: queue the snapshot for the event loop (bounded)."""
         with self._publish_lock:
-            if len(self._unpublished) == self._unpublished.maxlen:
-                self.snapshots_dropped += 1
-            self._unpublished.append(snapshot)
+            self._unpublished.append(snapshot)  # full: the oldest goes, a seq gap
             if self._publish_scheduled:
                 return
             self._publish_scheduled = True
@@ -167,91 +172,16 @@ class KdamondTask:
             self._on_snapshot(snapshot)
 
 
-def _engine_for(name: str, config: ContextConfig, processes: ProcessTable) -> Engine:
-    """An engine whose space and access check pin the same target processes."""
-    space: Any = ops.make_space(config.operations, processes)
-    access: Any = ops.make_access(config.access_check, processes)
-    for fault in faults_for(name):
-        if fault.op in FaultyOps.SPACE_OPS:
-            space = FaultyOps(space, fault)
-        else:
-            access = FaultyOps(access, fault)
-    return Engine(config, space, access)
-
-
-def start_kdamond(
+def _engine_for(
     name: str,
     config: ContextConfig,
-    on_snapshot: Callable[[Snapshot], None],
-    on_stop: Callable[[str], None],
-) -> KdamondTask:
-    """The monitor factory hierarchy.Tree uses (needs a running event loop)."""
-    return KdamondTask(name, config, on_snapshot, on_stop)
-
-
-# --- fault injection (tests only; off unless DAMOND_FAULT_OPS is set) ---------------------
-
-FAULT_OPS_ENV = "DAMOND_FAULT_OPS"
-"""``KDAMOND:OP:N:ERRNO[,…]``: in the kdamond named KDAMOND (its index, e.g. ``1``),
-the Nth call (from 1) of the ops method OP and every later one raises
-OSError(ERRNO) as if the kernel file had failed. OP is one of ``prepare``,
-``check`` (the access check), ``initial_ranges``, ``update_ranges`` (the
-address space); ERRNO a name such as EIO, ENOENT or EPERM. Documented in
-docs/reliability.md; never set in production."""
-
-
-@dataclass(frozen=True)
-class Fault:
-    kdamond: str
-    op: str
-    nth: int
-    errno: int
-
-    @classmethod
-    def parse(cls, spec: str) -> Fault:
-        kdamond, op, nth, name = spec.strip().split(":")
-        if op not in FaultyOps.SPACE_OPS + FaultyOps.ACCESS_OPS:
-            raise ValueError(f"{FAULT_OPS_ENV}: unknown ops method {op!r}")
-        code = getattr(errno, name, None)
-        if not isinstance(code, int) or int(nth) < 1:
-            raise ValueError(f"{FAULT_OPS_ENV}: bad fault {spec!r}")
-        return cls(kdamond, op, int(nth), code)
-
-
-def faults_for(name: str) -> list[Fault]:
-    text = os.environ.get(FAULT_OPS_ENV, "")
-    faults = [Fault.parse(spec) for spec in text.split(",") if spec.strip()]
-    return [f for f in faults if f.kdamond == name]
-
-
-class FaultyOps:
-    """An AddressSpace or AccessCheck whose method `fault.op` fails from its Nth call."""
-
-    SPACE_OPS = ("initial_ranges", "update_ranges")
-    ACCESS_OPS = ("prepare", "check")
-
-    def __init__(self, inner: Any, fault: Fault) -> None:
-        self._inner = inner
-        self._fault = fault
-        self.calls = 0
-        self.name = inner.name
-
-    def __getattr__(self, attr: str) -> Any:
-        value = getattr(self._inner, attr)
-        if attr != self._fault.op:
-            return value
-
-        def faulty(*args: Any) -> Any:
-            self.calls += 1
-            if self.calls >= self._fault.nth:
-                code = self._fault.errno
-                log.warning(
-                    "fault injection: %s call %d raises %s",
-                    attr,
-                    self.calls,
-                    errno.errorcode.get(code, code),
-                )
-                raise OSError(code, os.strerror(code), f"(injected fault in {attr})")
-            return value(*args)
-
-        return faulty
+    processes: ProcessTable,
+    registry: ops.Registry,
+    wrap_ops: OpsWrapper | None,
+) -> Engine:
+    """An engine whose space and access check pin the same target processes."""
+    space = config.operations.space(processes)
+    access = registry.make_access(config.access_check, processes)
+    if wrap_ops is not None:
+        space, access = wrap_ops(name, space, access)
+    return Engine(config, space, access)

@@ -16,40 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from damond.monitor.config import PAGE_SIZE
-
-Range = tuple[int, int]
-"""An address range [start, end)."""
+from damond.monitor.ops.common import Range, align_down, aligned_ranges
 
 _U64 = np.uint64
 _U32 = np.uint32
-_PAGE = _U64(PAGE_SIZE)
 _PAGE_MASK = _U64(~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF)
 _PAGE_SHIFT = _U64(PAGE_SIZE.bit_length() - 1)
 assert 1 << int(_PAGE_SHIFT) == PAGE_SIZE, "PAGE_SIZE must be a power of two"
-
-
-def align_down(addr: int) -> int:
-    return addr - addr % PAGE_SIZE
-
-
-def align_up(addr: int) -> int:
-    return align_down(addr + PAGE_SIZE - 1)
-
-
-def normalize_ranges(ranges: Iterable[Range]) -> list[Range]:
-    """Page-align ranges outwards (as damon_set_regions does) and sort them.
-
-    Ranges that overlap once aligned (two user ranges inside one page) are
-    joined, so that regions built on them can never overlap; the kernel would
-    build overlapping regions there.
-    """
-    out: list[Range] = []
-    for start, end in sorted((align_down(s), align_up(e)) for s, e in ranges if e > s):
-        if out and start < out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
 
 
 @dataclass(eq=False)
@@ -278,7 +251,7 @@ def evenly_split(ranges: Iterable[Range], min_nr_regions: int) -> Regions:
     into pieces of align_down(S / nr) bytes (so possibly more than nr), the
     last piece taking the remainder; a range smaller than sz stays whole.
     """
-    rs = normalize_ranges(ranges)
+    rs = aligned_ranges(ranges)
     total = sum(e - s for s, e in rs)
     sz = max(total // max(min_nr_regions, 1), PAGE_SIZE)
     starts: list[int] = []
@@ -308,7 +281,7 @@ def set_regions(regions: Regions, ranges: Iterable[Range]) -> Regions:
     0); a range no region touches becomes one new region. A region spanning
     two ranges stays in the first only (as in the kernel).
     """
-    rs = normalize_ranges(ranges)
+    rs = aligned_ranges(ranges)
     # [start, end, nr_accesses, last_nr_accesses, age]
     items = [
         [s, e, nr, last, age]

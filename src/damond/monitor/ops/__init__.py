@@ -1,18 +1,30 @@
-"""The ops registry: which operations and access checks this host can run, and their factories.
+"""The ops tables: which operations sets and access checks exist, and which this host can run.
 
-Availability is probed once per process (kernels do not grow config options at
-run time) without disturbing anything: files are opened, never written.
-Tests call reset_cache() after patching PROBES or the paths.
+Every fact about an operations set or an access check is in its table
+(Operations, AccessCheckOps in ops/base.py), and this module fills them:
+the admin tree, the engine and the command line ask a Registry, and compare
+no operations name of their own. Tests and tools that need another host build
+a Registry of their own tables instead of patching these.
+
+Availability is probed once per Registry (kernels do not grow config options
+at run time) without disturbing anything: files are opened, never written.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from functools import cache
+from collections.abc import Sequence
 
-from damond.monitor.ops.base import AccessCheck, AddressSpace, TargetGone, Unsupported
+from damond.monitor.ops import page_idle
+from damond.monitor.ops.base import (
+    AccessCheck,
+    AccessCheckOps,
+    AddressSpace,
+    Operations,
+    TargetGone,
+    Unsupported,
+)
 from damond.monitor.ops.clear_refs import ClearRefsAccess
 from damond.monitor.ops.paddr import PaddrSpace
 from damond.monitor.ops.page_idle import PageIdleAccess
@@ -21,44 +33,26 @@ from damond.monitor.ops.vaddr import FvaddrSpace, VaddrSpace
 
 __all__ = [
     "ACCESS_CHECKS",
+    "AUTO",
     "OPERATIONS",
+    "REGISTRY",
     "AccessCheck",
+    "AccessCheckOps",
     "AddressSpace",
+    "Operations",
     "ProcessTable",
+    "Registry",
     "TargetGone",
     "Unsupported",
-    "available_access_checks",
-    "available_operations",
-    "make_access",
-    "make_space",
-    "reset_cache",
-    "resolve_access_check",
-    "why_unavailable",
 ]
 
-OPERATIONS = ("vaddr", "fvaddr", "paddr")
-ACCESS_CHECKS = ("page_idle", "clear_refs")
+AUTO = "auto"
+"""The access check to ask for when any will do: the most precise one available."""
 
-SUPPORTS: dict[str, tuple[str, ...]] = {
-    "page_idle": ("vaddr", "fvaddr", "paddr"),
-    "clear_refs": ("vaddr", "fvaddr"),
-}
-"""Which operations each access check can serve; auto prefers the earlier one."""
-
-PAGE_IDLE_BITMAP = "/sys/kernel/mm/page_idle/bitmap"
-KPAGEFLAGS = "/proc/kpageflags"
+PAGE_IDLE_BITMAP = page_idle.BITMAP
+KPAGEFLAGS = page_idle.KPAGEFLAGS
 CLEAR_REFS = "/proc/self/clear_refs"
 SMAPS = "/proc/self/smaps"
-
-IMPLEMENTATIONS: dict[str, Callable[[ProcessTable | None, int | None], AccessCheck]] = {
-    "page_idle": PageIdleAccess,
-    "clear_refs": ClearRefsAccess,
-}
-
-
-def _implementation(name: str) -> Callable[[ProcessTable | None, int | None], AccessCheck]:
-    """The factory of an access check: (processes, seed) -> AccessCheck."""
-    return IMPLEMENTATIONS[name]
 
 
 def _open_reason(path: str, flags: int) -> str:
@@ -72,122 +66,173 @@ def _open_reason(path: str, flags: int) -> str:
     return ""
 
 
-def probe_page_idle() -> str:
+def probe_page_idle(bitmap: str = PAGE_IDLE_BITMAP, kpageflags: str = KPAGEFLAGS) -> str:
     """'' when idle page tracking works here, else the reason.
 
     The bitmap must open for reading and writing; /proc/kpageflags too, for
     reading: without it a huge page's tails cannot be mapped to their heads.
     """
-    if not os.path.exists(PAGE_IDLE_BITMAP):
-        return f"page_idle: CONFIG_IDLE_PAGE_TRACKING is not set: {PAGE_IDLE_BITMAP} missing"
-    reason = _open_reason(PAGE_IDLE_BITMAP, os.O_RDWR)
+    if not os.path.exists(bitmap):
+        return f"page_idle: CONFIG_IDLE_PAGE_TRACKING is not set: {bitmap} missing"
+    reason = _open_reason(bitmap, os.O_RDWR)
     if reason:
         return f"page_idle: {reason} (needs root)"
-    reason = _open_reason(KPAGEFLAGS, os.O_RDONLY)
+    reason = _open_reason(kpageflags, os.O_RDONLY)
     if reason:
         return f"page_idle: {reason} (needed to map huge pages to their head pages)"
     return ""
 
 
-def probe_clear_refs() -> str:
+def probe_clear_refs(clear_refs: str = CLEAR_REFS, smaps: str = SMAPS) -> str:
     """'' when clear_refs and smaps work here, else the reason."""
-    if not os.path.exists(CLEAR_REFS):
-        return f"clear_refs: CONFIG_PROC_PAGE_MONITOR is not set: {CLEAR_REFS} missing"
-    for path, flags in ((CLEAR_REFS, os.O_WRONLY), (SMAPS, os.O_RDONLY)):
+    if not os.path.exists(clear_refs):
+        return f"clear_refs: CONFIG_PROC_PAGE_MONITOR is not set: {clear_refs} missing"
+    for path, flags in ((clear_refs, os.O_WRONLY), (smaps, os.O_RDONLY)):
         reason = _open_reason(path, flags)
         if reason:
             return f"clear_refs: {reason}"
     return ""
 
 
-PROBES: dict[str, Callable[[], str]] = {
-    "page_idle": probe_page_idle,
-    "clear_refs": probe_clear_refs,
-}
+PAGE_IDLE = AccessCheckOps("page_idle", "page", probe_page_idle, PageIdleAccess)
+CLEAR_REFS_CHECK = AccessCheckOps("clear_refs", "mapping", probe_clear_refs, ClearRefsAccess)
+ACCESS_CHECKS: tuple[AccessCheckOps, ...] = (PAGE_IDLE, CLEAR_REFS_CHECK)
+"""Every access check, the most precise first."""
+
+VADDR = Operations(
+    "vaddr",
+    target_has_pid=True,
+    min_targets=1,
+    max_targets=None,
+    needs_regions=False,
+    space=VaddrSpace,
+    access_checks=("page_idle", "clear_refs"),
+)
+FVADDR = Operations(
+    "fvaddr",
+    target_has_pid=True,
+    min_targets=0,
+    max_targets=None,
+    needs_regions=True,
+    space=FvaddrSpace,
+    access_checks=("page_idle", "clear_refs"),
+)
+PADDR = Operations(
+    "paddr",
+    target_has_pid=False,
+    min_targets=0,
+    max_targets=1,
+    needs_regions=False,
+    space=lambda processes: PaddrSpace(),
+    access_checks=("page_idle",),
+)
+OPERATIONS: tuple[Operations, ...] = (VADDR, FVADDR, PADDR)
 
 
-@cache
-def _access_reasons() -> dict[str, str]:
-    return {name: PROBES[name]() for name in ACCESS_CHECKS}
+class Registry:
+    """A set of operations and access check tables, and what of them this host can run."""
+
+    def __init__(
+        self,
+        operations: Sequence[Operations] = OPERATIONS,
+        access_checks: Sequence[AccessCheckOps] = ACCESS_CHECKS,
+    ) -> None:
+        self._operations = {o.name: o for o in operations}
+        self._checks = {c.name: c for c in access_checks}
+        self._reasons: dict[str, str] | None = None
+
+    # -- what exists ----------------------------------------------------------------------
+
+    @property
+    def operations_names(self) -> tuple[str, ...]:
+        return tuple(self._operations)
+
+    @property
+    def access_check_names(self) -> tuple[str, ...]:
+        return tuple(self._checks)
+
+    def operations(self, name: str) -> Operations:
+        """The table of an operations set; ValueError for a name that does not exist."""
+        try:
+            return self._operations[name]
+        except KeyError:
+            raise ValueError(f"unknown operations {name!r}") from None
+
+    def access_check(self, name: str) -> AccessCheckOps:
+        """The table of an access check; ValueError for a name that does not exist."""
+        try:
+            return self._checks[name]
+        except KeyError:
+            raise ValueError(f"unknown access check {name!r}") from None
+
+    # -- what works here ------------------------------------------------------------------
+
+    def _access_reasons(self) -> dict[str, str]:
+        if self._reasons is None:
+            self._reasons = {name: check.probe() for name, check in self._checks.items()}
+        return self._reasons
+
+    def reset(self) -> None:
+        """Probe again at the next question (after the host changed under a test)."""
+        self._reasons = None
+
+    def available_access_checks(self) -> list[str]:
+        return [name for name, reason in self._access_reasons().items() if not reason]
+
+    def available_operations(self) -> list[str]:
+        return [name for name in self._operations if not self._operations_reason(name)]
+
+    def _serving(self, operations: str) -> list[str]:
+        """The known access checks that can serve an operations set, the most precise first."""
+        return [c for c in self._operations[operations].access_checks if c in self._checks]
+
+    def _operations_reason(self, operations: str) -> str:
+        checks = self._serving(operations)
+        reasons = [self._access_reasons()[name] for name in checks]
+        if not all(reasons):
+            return ""
+        needs = f"the {checks[0]}" if len(checks) == 1 else "an"
+        return f"{operations}: needs {needs} access check ({'; '.join(reasons)})"
+
+    def why_unavailable(self, name: str) -> str:
+        """Why an operations set or access check cannot run here; '' when it can."""
+        if name in self._checks:
+            return self._access_reasons()[name]
+        if name in self._operations:
+            return self._operations_reason(name)
+        raise ValueError(f"unknown operations or access check {name!r}")
+
+    def resolve_access_check(self, requested: str, operations: str) -> str:
+        """The access check a context will use: AUTO picks the most precise one available.
+
+        ValueError for names or combinations that can never work; Unsupported
+        (with the reason) for what only this host cannot do.
+        """
+        self.operations(operations)
+        serving = self._serving(operations)
+        if requested == AUTO:
+            for name in serving:
+                if not self._access_reasons()[name]:
+                    return name
+            raise Unsupported(self._operations_reason(operations))
+        self.access_check(requested)
+        if requested not in serving:
+            raise ValueError(f"{requested} works per process: not for {operations}")
+        reason = self._access_reasons()[requested]
+        if reason:
+            raise Unsupported(reason)
+        return requested
+
+    def make_access(
+        self, name: str, processes: ProcessTable, seed: int | None = None
+    ) -> AccessCheck:
+        """A resolved access check (never AUTO); Unsupported when it cannot run here."""
+        check = self.access_check(name)
+        reason = self._access_reasons()[name]
+        if reason:
+            raise Unsupported(reason)
+        return check.make(processes, seed)
 
 
-def reset_cache() -> None:
-    """Probe again at the next question (tests patch PROBES or the paths first)."""
-    _access_reasons.cache_clear()
-
-
-def available_access_checks() -> list[str]:
-    return [name for name, reason in _access_reasons().items() if not reason]
-
-
-def available_operations() -> list[str]:
-    return [op for op in OPERATIONS if not _operations_reason(op)]
-
-
-def _operations_reason(operations: str) -> str:
-    reasons = [_access_reasons()[name] for name in ACCESS_CHECKS if operations in SUPPORTS[name]]
-    if not all(reasons):
-        return ""
-    checks = [name for name in ACCESS_CHECKS if operations in SUPPORTS[name]]
-    needs = f"the {checks[0]}" if len(checks) == 1 else "an"
-    return f"{operations}: needs {needs} access check ({'; '.join(reasons)})"
-
-
-def why_unavailable(name: str) -> str:
-    """Why an operations set or access check cannot run here; '' when it can."""
-    if name in ACCESS_CHECKS:
-        return _access_reasons()[name]
-    if name in OPERATIONS:
-        return _operations_reason(name)
-    raise ValueError(f"unknown operations or access check {name!r}")
-
-
-def resolve_access_check(requested: str, operations: str) -> str:
-    """The access check a context will use: 'auto' picks page_idle, else clear_refs.
-
-    ValueError for names or combinations that can never work; Unsupported
-    (with the reason) for what only this host cannot do.
-    """
-    if operations not in OPERATIONS:
-        raise ValueError(f"unknown operations {operations!r}")
-    if requested == "auto":
-        for name in ACCESS_CHECKS:
-            if operations in SUPPORTS[name] and not _access_reasons()[name]:
-                return name
-        raise Unsupported(_operations_reason(operations))
-    if requested not in ACCESS_CHECKS:
-        raise ValueError(f"unknown access check {requested!r}")
-    if operations not in SUPPORTS[requested]:
-        raise ValueError(f"{requested} works per process: not for {operations}")
-    reason = _access_reasons()[requested]
-    if reason:
-        raise Unsupported(reason)
-    return requested
-
-
-def make_space(operations: str, processes: ProcessTable | None = None) -> AddressSpace:
-    """The address space of an operations set.
-
-    Pass one ProcessTable to both make_space and make_access, so that both pin
-    the same processes, and close it when the context stops.
-    """
-    if operations == "vaddr":
-        return VaddrSpace(processes)
-    if operations == "fvaddr":
-        return FvaddrSpace(processes)
-    if operations == "paddr":
-        return PaddrSpace()
-    raise ValueError(f"unknown operations {operations!r}")
-
-
-def make_access(
-    name: str, processes: ProcessTable | None = None, seed: int | None = None
-) -> AccessCheck:
-    """A resolved access check (never 'auto'); Unsupported when it cannot run here."""
-    if name not in ACCESS_CHECKS:
-        raise ValueError(f"unknown access check {name!r}")
-    reason = _access_reasons()[name]
-    if reason:
-        raise Unsupported(reason)
-    check: AccessCheck = _implementation(name)(processes, seed)
-    return check
+REGISTRY = Registry()
+"""This host's tables: what the daemon serves."""

@@ -1,17 +1,24 @@
 """The ops interface: how the engine learns address ranges and page accesses.
 
 Like the kernel's struct damon_operations, the engine (monitor/engine.py) calls
-only these two small interfaces; vaddr/fvaddr/paddr and page_idle/clear_refs
-plug in behind them (registry in ops/__init__.py).
+only two small interfaces, AddressSpace and AccessCheck; each operations set
+(vaddr, fvaddr, paddr) and each access check (page_idle, clear_refs) is
+described by one table, Operations or AccessCheckOps, which says everything
+the rest of damond may know of it. The tables are filled in ops/__init__.py.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from damond.monitor.config import TargetConfig
+
+if TYPE_CHECKING:
+    from damond.monitor.ops.process import ProcessTable
 
 
 class TargetGone(Exception):
@@ -45,6 +52,10 @@ class AddressSpace(Protocol):
         """Ranges to fit regions to at each update interval; None: keep as they are."""
         ...
 
+    def close(self) -> None:
+        """Release what is held for the targets (nothing, for some)."""
+        ...
+
 
 class AccessCheck(Protocol):
     """Per-sample access information: did the page at each address get accessed?"""
@@ -65,3 +76,39 @@ class AccessCheck(Protocol):
     def close(self) -> None:
         """Release files and handles held for the targets."""
         ...
+
+
+@dataclass(frozen=True)
+class Operations:
+    """One operations set: the kernel's struct damon_operations plus damon_target_has_pid.
+
+    The admin tree validates targets by these facts, the engine builds the
+    address space with ``space``, and ``access_checks`` says which access
+    checks can serve it: an operations set is available where one of them is.
+    """
+
+    name: str
+    target_has_pid: bool
+    """Targets are processes (vaddr, fvaddr) or not (paddr: pid -1)."""
+    min_targets: int
+    max_targets: int | None
+    """None: no limit beyond the admin tree's."""
+    needs_regions: bool
+    """Each target must come with its own regions (fvaddr)."""
+    space: Callable[[ProcessTable], AddressSpace]
+    """The address space, pinning processes in the given table."""
+    access_checks: tuple[str, ...]
+    """The access checks that can serve it, the most precise first: what auto picks."""
+
+
+@dataclass(frozen=True)
+class AccessCheckOps:
+    """One access check: how to tell whether it works here, and how to make one."""
+
+    name: str
+    granularity: str
+    """What one answer stands for ("page", or "mapping" where only per-mapping counts exist)."""
+    probe: Callable[[], str]
+    """'' when it works on this host (as this user), else why not. Never changes anything."""
+    make: Callable[[ProcessTable, int | None], AccessCheck]
+    """(processes, seed) -> a new check, pinning processes in the given table."""

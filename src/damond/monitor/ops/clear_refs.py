@@ -18,8 +18,8 @@ import re
 import numpy as np
 
 from damond.monitor.config import TargetConfig
+from damond.monitor.ops.common import mapping_index, ranges_from_tokens
 from damond.monitor.ops.process import ProcessHolder, ProcessTable
-from damond.monitor.ops.vaddr import mapping_index, ranges_from_tokens
 
 CLEAR_ACCESSED = b"1"
 """clear_refs command 1: clear the referenced/accessed bits of all pages."""

@@ -9,7 +9,7 @@ become regions.
 from __future__ import annotations
 
 from damond.monitor.config import PAGE_SIZE, TargetConfig
-from damond.monitor.ops.vaddr import Range, align_down, align_up, aligned_ranges
+from damond.monitor.ops.common import Range, align_down, align_up, aligned_ranges
 
 IOMEM = "/proc/iomem"
 SYSTEM_RAM = "System RAM"

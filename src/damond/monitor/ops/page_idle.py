@@ -72,10 +72,7 @@ says idle, so a page that cannot be read back never counts as accessed."""
 KPF_LRU = 1 << 5
 KPF_COMPOUND_HEAD = 1 << 15
 KPF_COMPOUND_TAIL = 1 << 16
-KPF_HUGE = 1 << 17
 KPF_NOPAGE = 1 << 20
-KPF_THP = 1 << 22
-KPF_IDLE = 1 << 25
 
 PAGEMAP_GAP = 16
 """Entries between two sampled pages up to which one pagemap pread covers both.
@@ -418,9 +415,14 @@ class PageIdleAccess(ProcessHolder):
 
     name = "page_idle"
 
-    def __init__(self, processes: ProcessTable | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        processes: ProcessTable | None = None,
+        seed: int | None = None,
+        bitmap: str = BITMAP,
+    ) -> None:
         super().__init__(processes)
-        self._bitmap = open_kernel_file(BITMAP, os.O_RDWR)
+        self._bitmap = open_kernel_file(bitmap, os.O_RDWR)
         try:
             self._kpageflags = open_kernel_file(KPAGEFLAGS, os.O_RDONLY)
         except BaseException:

@@ -39,6 +39,27 @@ def _pidfd_open(pid: int) -> int:
         raise
 
 
+def process_problem(pid: int) -> str:
+    """Why pid cannot be a monitoring target now, or '' when it can (a live process)."""
+    if pid <= 0 or not _is_live(pid):
+        return f"pid {pid} is not a live process"
+    return ""
+
+
+def _is_live(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has no memory left to monitor
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 class TargetProcess:
     """One monitored process: a pidfd, its /proc directory and cached proc files.
 

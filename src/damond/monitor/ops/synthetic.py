@@ -13,8 +13,8 @@ import numpy as np
 
 from damond.monitor.config import TargetConfig
 from damond.monitor.ops.base import TargetGone
+from damond.monitor.ops.common import Range
 
-Range = tuple[int, int]
 HotSet = Callable[[np.ndarray], np.ndarray] | Sequence[Range]
 """Either a predicate over an address array, or [start, end) hot ranges."""
 

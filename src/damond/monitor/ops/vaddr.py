@@ -7,38 +7,17 @@ kernel's __damon_va_three_regions (mm/damon/vaddr.c).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import repeat
-
 import numpy as np
 
-from damond.monitor.config import PAGE_SIZE, TargetConfig
+from damond.monitor.config import TargetConfig
 from damond.monitor.ops.base import TargetGone
+from damond.monitor.ops.common import Range, align_up, aligned_ranges, ranges_from_tokens
 from damond.monitor.ops.process import ProcessHolder, TargetProcess
 
 KERNEL_HALF = 1 << 63
 """maps lists the x86 [vsyscall] gate page up here. It is not in the mm's VMA
 tree that the kernel walks, so it must not count: the gap below it would
 otherwise always be the biggest."""
-
-Range = tuple[int, int]
-
-
-def align_down(addr: int) -> int:
-    return addr - addr % PAGE_SIZE
-
-
-def align_up(addr: int) -> int:
-    return -(-addr // PAGE_SIZE) * PAGE_SIZE
-
-
-def ranges_from_tokens(tokens: list[bytes]) -> np.ndarray:
-    """(n, 2) uint64 [start, end) from b"start-end" hex tokens, as maps and smaps print them."""
-    if not tokens:
-        return np.empty((0, 2), dtype=np.uint64)
-    hexes = b"-".join(tokens).split(b"-")
-    flat = np.fromiter(map(int, hexes, repeat(16, len(hexes))), np.uint64, len(hexes))
-    return flat.reshape(-1, 2)
 
 
 def parse_maps(text: bytes) -> np.ndarray:
@@ -69,30 +48,6 @@ def three_regions(mappings: np.ndarray) -> list[Range]:
     bounds.append(int(ends[-1]))
     aligned = [align_up(b) for b in bounds]
     return list(zip(aligned[::2], aligned[1::2], strict=True))
-
-
-def aligned_ranges(ranges: Iterable[Range]) -> list[Range]:
-    """User-given ranges widened to whole pages (as damon_set_regions does), sorted, merged."""
-    out: list[Range] = []
-    for start, end in sorted(ranges):
-        if start >= end:
-            raise ValueError(f"empty range [{start:#x}, {end:#x})")
-        start, end = align_down(start), align_up(end)
-        if out and start < out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
-
-
-def mapping_index(mappings: np.ndarray, addrs: np.ndarray) -> np.ndarray:
-    """For each address, the row of the mapping holding it, or -1 (vectorised)."""
-    addrs = np.asarray(addrs, dtype=np.uint64)
-    row = np.searchsorted(mappings[:, 0], addrs, side="right").astype(np.int64) - 1
-    if not len(mappings):
-        return row
-    inside = (row >= 0) & (addrs < mappings[np.maximum(row, 0), 1])
-    return np.where(inside, row, -1)
 
 
 def process_mappings(proc: TargetProcess) -> np.ndarray:
@@ -136,8 +91,6 @@ class FvaddrSpace(ProcessHolder):
 
     def initial_ranges(self, target: TargetConfig) -> list[Range]:
         self.processes.live(target.pid)
-        if not target.regions:
-            raise ValueError(f"fvaddr target {target.index} (pid {target.pid}) has no regions")
         return aligned_ranges(target.regions)
 
     def update_ranges(self, target: TargetConfig) -> list[Range] | None:

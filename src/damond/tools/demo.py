@@ -26,10 +26,10 @@ from typing import IO, Any
 from dbus_fast import DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from damond import client
-from damond.client import BUS_NAME, ROOT, get_property
-from damond.privatebus import die_with_parent, start_private_bus, wait_for_name
-from damond.render import Marks, Style, coverage, format_size, parse, render
+from damond.tools import client
+from damond.tools.client import BUS_NAME, ROOT, get_property
+from damond.tools.privatebus import die_with_parent, start_private_bus, wait_for_name
+from damond.tools.render import Marks, Style, coverage, format_size, parse, render
 
 KDAMOND = f"{ROOT}/kdamonds/0"
 CONTEXT = f"{KDAMOND}/contexts/0"
@@ -201,7 +201,7 @@ async def start_workload(stack: AsyncExitStack) -> tuple[Marks, asyncio.subproce
     """Start the workload and read where its buffers are."""
     process = await spawn(
         "-m",
-        "damond.workload",
+        "damond.tools.workload",
         "--hot-mib",
         str(HOT_MIB),
         "--cold-mib",
@@ -230,8 +230,8 @@ async def start_workload(stack: AsyncExitStack) -> tuple[Marks, asyncio.subproce
     return marks, process
 
 
-async def configure(bus: MessageBus, choice: BusChoice, pid: int) -> str:
-    """Set kdamond 0 up for ``pid`` (printing the busctl equivalent); returns the access check.
+async def configure(bus: MessageBus, choice: BusChoice, pid: int) -> None:
+    """Set kdamond 0 up for ``pid`` (printing the busctl equivalent).
 
     Leaves ``state`` to the caller."""
     steps: list[tuple[str, str, str, str, Any]] = [
@@ -248,20 +248,17 @@ async def configure(bus: MessageBus, choice: BusChoice, pid: int) -> str:
         print(f"  {busctl} set-property {BUS_NAME} {path} {iface} {name} {sig} {value}")
     for step in steps:
         await set_property(bus, *step)
-    check = await get_property(bus, CONTEXT, "org.damond1.Context", "access_check")
+
+
+async def describe_access_check(bus: MessageBus) -> str:
+    """Print the access check asked for and the one the daemon chose; returns the latter."""
+    asked = await get_property(bus, CONTEXT, "org.damond1.Context", "access_check")
     avail = await get_property(bus, CONTEXT, "org.damond1.Context", "avail_access_checks")
-    resolved = resolve_access_check(str(check), list(avail))
-    shown = check if check == resolved else f"{check} -> {resolved}"
+    check = str(await get_property(bus, CONTEXT, "org.damond1.Context", "effective_access_check"))
+    shown = check if check == asked else f"{asked} -> {check}"
     print(f"access_check {shown} (available: {', '.join(avail) or 'none'})")
-    print(f"  {GRANULARITY.get(resolved, 'granularity unknown to this demo')}")
-    return resolved
-
-
-def resolve_access_check(check: str, avail: list[str]) -> str:
-    """What ``auto`` stands for on this host (DESIGN.md: page_idle if present, else clear_refs)."""
-    if check != "auto":
-        return check
-    return next((c for c in ("page_idle", "clear_refs") if c in avail), "auto")
+    print(f"  {GRANULARITY.get(check, 'granularity unknown to this demo')}")
+    return check
 
 
 class Feed:
@@ -420,7 +417,7 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
         await start_daemon(stack, bus, choice)
 
     marks, workload = await start_workload(stack)
-    check = await configure(bus, choice, marks.pid)
+    await configure(bus, choice, marks.pid)
     feed = Feed()
     await feed.subscribe(bus)
 
@@ -432,6 +429,7 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
     await set_property(bus, KDAMOND, "org.damond1.Kdamond", "state", "s", "on")
     kpid = await get_property(bus, KDAMOND, "org.damond1.Kdamond", "pid")
     print(f"kdamond 0: state on (pid {kpid})")
+    check = await describe_access_check(bus)
     intervals = [
         await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
         for n in ("sample_us", "aggr_us")
@@ -499,7 +497,7 @@ async def _run(seconds: float | None) -> int:
 
 
 def main() -> int:
-    """Entry point of ``python -m damond.demo``."""
+    """Entry point of ``python -m damond.tools.demo``."""
     try:
         seconds = _parse_seconds()
     except DemoError as e:

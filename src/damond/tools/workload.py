@@ -1,6 +1,6 @@
 """The demo workload: one hot buffer written continuously, one cold buffer left alone.
 
-``python -m damond.workload --hot-mib 8 --cold-mib 56`` maps two anonymous
+``python -m damond.tools.workload --hot-mib 8 --cold-mib 56`` maps two anonymous
 buffers, touches every page of both once (so they are resident), prints one
 JSON line ``{"pid": …, "hot": [start, end], "cold": [start, end]}`` and then
 writes one byte per page of the hot buffer on every pass until SIGTERM/SIGINT.
@@ -156,7 +156,7 @@ def run(hot_mib: float, cold_mib: float, pause_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(
-        prog="python -m damond.workload",
+        prog="python -m damond.tools.workload",
         description="Keep one buffer hot and another cold, for damond to observe.",
     )
     parser.add_argument("--hot-mib", type=float, default=8.0, help="hot buffer size (MiB)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from damond import client
+from damond.tools import client
 
 PR_SET_PDEATHSIG = 1
 ROOT_ALLOWS_ALL = """<policy user="root">

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-Range = tuple[int, int]
+from damond.monitor.ops.common import Range
+
 Region = tuple[int, int, int, int]
 """(start, end, nr_accesses, age)."""
 
@@ -41,7 +42,7 @@ MINOR_SHARE = 0.01
 
 @dataclass(frozen=True)
 class Marks:
-    """The workload's buffers, as announced by ``damond.workload``."""
+    """The workload's buffers, as announced by ``damond.tools.workload``."""
 
     pid: int
     hot: Range
