@@ -469,11 +469,16 @@ class Kdamond(Node):
             )
         return self.contexts.items[0]
 
+    def check(self) -> ContextConfig:
+        """Validate this kdamond for `on` or `commit` (its one context, frozen), changing
+        nothing; InvalidArgument/NotSupported name the object and rule."""
+        return self._context().config()
+
     def turn_on(self) -> None:
         if self.running:
             raise Busy(self.path, "is already on")
         context = self._context()
-        config = context.config()
+        config = self.check()
 
         def on_snapshot(snapshot: Snapshot) -> None:
             if self.monitor is monitor:
@@ -530,7 +535,7 @@ class Kdamond(Node):
     def commit(self) -> None:
         if self.monitor is None:
             raise InvalidArgument(self.path, "commit needs the kdamond to be on (state is off)")
-        config = self._context().config()
+        config = self.check()
         self.monitor.commit(config)
         self.running_config = config
         log.info("%s commit", self.path, extra={"KDAMOND": self.name})
