@@ -16,7 +16,10 @@ from dbus_fast.aio import MessageBus
 BUS_NAME = "org.damond1"
 ROOT = "/org/damond1"
 PROPERTIES = "org.freedesktop.DBus.Properties"
-SNAPSHOT_RULE = "type='signal',interface='org.damond1.Context',member='Snapshot'"
+SNAPSHOT_RULE = (
+    f"type='signal',sender='{BUS_NAME}',interface='org.damond1.Context',member='Snapshot'"
+)
+"""Snapshot signals of the daemon: matched on the sending name, so nobody else's count."""
 
 P = ParamSpec("P")
 
@@ -126,3 +129,42 @@ async def start_kdamonds(bus: MessageBus, pids: list[int], **attrs: int) -> None
             await set_property(bus, context, iface, name, "t", value)
     for k in range(len(pids)):
         await set_property(bus, f"{ROOT}/kdamonds/{k}", "org.damond1.Kdamond", "state", "s", "on")
+
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+CONTEXT_INTERFACE = "org.damond1.Context"
+
+
+async def managed_objects(bus: MessageBus) -> dict[str, dict[str, dict[str, Any]]]:
+    """GetManagedObjects with the variants unwrapped: object path → interface → property."""
+    (objects,) = await call(bus, ROOT, OBJECT_MANAGER, "GetManagedObjects")
+    return {
+        path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
+        for path, ifaces in objects.items()
+    }
+
+
+def is_snapshot(msg: Message) -> bool:
+    """A Snapshot signal (the bus delivers those SNAPSHOT_RULE matched)."""
+    return (
+        msg.message_type is MessageType.SIGNAL
+        and msg.interface == CONTEXT_INTERFACE
+        and msg.member == "Snapshot"
+    )
+
+
+async def subscribe_snapshots(
+    bus: MessageBus, on_snapshot: Callable[[str, list[Any]], None], path: str | None = None
+) -> Callable[[], None]:
+    """Call on_snapshot(context path, body) for each Snapshot signal (of one context's path,
+    or of all); returns a function that stops the calls. The match is SNAPSHOT_RULE, so
+    that where and how snapshots are sent is decided in one place."""
+    rule = SNAPSHOT_RULE + (f",path='{path}'" if path is not None else "")
+
+    def handle(msg: Message) -> None:
+        if is_snapshot(msg) and (path is None or msg.path == path) and msg.path is not None:
+            on_snapshot(msg.path, list(msg.body))
+
+    await add_match(bus, rule)
+    bus.add_message_handler(handle)
+    return lambda: bus.remove_message_handler(handle)
