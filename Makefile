@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Debian packages the daemon, its build and its tests need (systemd-container:
-# the packaging test boots the unit under systemd-nspawn).
-APT_PACKAGES := dbus systemd systemd-container libsystemd-dev pkg-config gcc python3-dev
+# the packaging test boots the unit under systemd-nspawn; file: damo's report
+# commands, run on damondctl's records in the tests, detect a record's format with it).
+APT_PACKAGES := dbus systemd systemd-container libsystemd-dev pkg-config gcc python3-dev file
 
 .PHONY: all deps venv vm-image test lint demo bench clean install uninstall
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(MAKE) --no-print-directory deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,tools]'
 	touch $@
 
 venv: $(VENV)/.installed
