@@ -114,7 +114,8 @@ def _with_units(value: Any, where: str, units: Mapping[str, int], kind: str) -> 
         if not match or match.group(2) not in units:
             raise FormatError(
                 where,
-                f"must be a {kind} (a number, or with a unit of {', '.join(units)}), not {value!r}",
+                f"must be a {kind} (a number, or with a unit of "
+                f"{', '.join(u for u in units if u)}), not {value!r}",
             )
         total += float(match.group(1).replace(",", "")) * units[match.group(2)]
         rest = rest[match.end() :]

@@ -16,6 +16,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import textwrap
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from damond.tools import client, live
 from damond.tools.client import BUS_NAME, ROOT, get_property
 from damond.tools.live import Feed
 from damond.tools.privatebus import die_with_parent, start_private_bus, wait_for_name
-from damond.tools.render import Marks, coverage, format_size, parse
+from damond.tools.render import COLUMNS, Marks, coverage, format_size, parse
 
 KDAMOND = f"{ROOT}/kdamonds/0"
 CONTEXT = f"{KDAMOND}/contexts/0"
@@ -351,6 +352,7 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
         for n in ("sample_us", "aggr_us")
     ]
     print(f"sampling every {intervals[0] / 1000:g} ms, a Snapshot every {intervals[1] / 1000:g} ms")
+    print(textwrap.fill(COLUMNS, 100))
 
     try:
         await watch(feed, marks, check, seconds, {"workload": workload})

@@ -36,6 +36,15 @@ CYAN = "\x1b[36m"
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
+COLUMNS = (
+    "columns: range = the region's addresses (rows of alike neighbours are merged); "
+    "size; access frequency = nr_accesses / max_nr_accesses as a bar; nr = nr_accesses of "
+    "max_nr_accesses samples (a range when merged); age = aggregations the frequency has "
+    "stayed about the same; rgns = regions merged into the row; last = what the range is "
+    "(the demo's hot/cold buffer, or the mapping it lies in)"
+)
+"""What the picture's columns mean, said once above it."""
+
 MINOR_SHARE = 0.01
 """A buffer covering less of a region than this (besides the largest) is not named."""
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from damond.tools import client, live, records
 from damond.tools.ctl.admin import _run, latest_snapshot, objects_of, spec_from_args, start_kdamond
 from damond.tools.ctl.common import EXIT_INPUT, EXIT_REFUSED, CtlError, emit_json
 from damond.tools.mappings import Mappings
-from damond.tools.render import Labels, format_size, format_time, parse
+from damond.tools.render import COLUMNS, Labels, format_size, format_time, parse
 from damond.tools.stats import WSS_METHOD, accessed_bytes, weighted_wss
 from damond.tools.tree import ContextInfo, contexts, monitoring
 
@@ -108,6 +109,7 @@ async def watch(bus: MessageBus, args: argparse.Namespace) -> int:
         context.context.get("effective_access_check") or context.context.get("access_check")
     )
     labels = _labels(context)
+    print(textwrap.fill(COLUMNS, 100))
     stop = Stop(args.duration)
 
     def still_going() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +54,42 @@ def _output(args: argparse.Namespace, record: TargetRecord, many: bool) -> Path:
     return path.with_name(f"{path.stem}-target-{record.target}{path.suffix or '.png'}")
 
 
+def _pngs(
+    args: argparse.Namespace,
+    found: list[TargetRecord],
+    draw: Callable[[Any, TargetRecord, Path], None],
+) -> int:
+    """Draw one PNG per target with draw(plots module, record, path); print the paths."""
+    try:
+        from damond.tools import plots
+    except ImportError as e:
+        raise missing_extra(e) from None
+    written = []
+    for record in found:
+        path = _output(args, record, len(found) > 1)
+        try:
+            draw(plots, record, path)
+        except OSError as e:
+            raise CtlError(EXIT_REFUSED, f"{path}: {e}") from None
+        written.append(str(path))
+    if args.json:
+        emit_json({"png": written})
+    else:
+        print("\n".join(written))
+    return 0
+
+
 def heatmap(args: argparse.Namespace) -> int:
     found = _load(args)
     if args.png:
-        try:
-            from damond.tools import plots
-        except ImportError as e:
-            raise missing_extra(e) from None
-        written = []
-        for record in found:
-            picture = Heatmap.of(record, args.address_bins or 256, args.time_bins or 512)
-            path = _output(args, record, len(found) > 1)
-            try:
-                plots.heatmap_png(picture, _title(record), path, args.width, args.height)
-            except (ImportError, OSError) as e:
-                raise CtlError(EXIT_REFUSED, f"{path}: {e}") from None
-            written.append(str(path))
-        if args.json:
-            emit_json({"png": written})
-        else:
-            print("\n".join(written))
-        return 0
+        return _pngs(
+            args,
+            found,
+            lambda plots, record, path: plots.heatmap_png(
+                Heatmap.of(record, args.address_bins or 256, args.time_bins or 512),
+                _title(record), path, args.width, args.height,
+            ),
+        )  # fmt: skip
     try:
         from rich.console import Console
     except ImportError as e:
@@ -119,23 +135,14 @@ def _wss_series(record: TargetRecord) -> tuple[list[float], list[float]]:
 def wss(args: argparse.Namespace) -> int:
     found = _load(args)
     if args.png:
-        try:
-            from damond.tools import plots
-        except ImportError as e:
-            raise missing_extra(e) from None
-        written = []
-        for record in found:
-            path = _output(args, record, len(found) > 1)
-            times, sizes = _wss_series(record)
-            plots.wss_png(
-                times, sizes, f"working set size: {_title(record)}", path, args.width, args.height
-            )
-            written.append(str(path))
-        if args.json:
-            emit_json({"png": written})
-        else:
-            print("\n".join(written))
-        return 0
+        return _pngs(
+            args,
+            found,
+            lambda plots, record, path: plots.wss_png(
+                *_wss_series(record), f"working set size: {_title(record)}", path,
+                args.width, args.height,
+            ),
+        )  # fmt: skip
     for record in found:
         times, sizes = _wss_series(record)
         if args.json:
