@@ -215,9 +215,15 @@ async def test_a_record_reads_in_damos_reports_and_draws(
     series = json.loads(ctl(damond, "--json", "report", "wss", str(record)).stdout)
     assert abs(statistics.median(series["wss_bytes"][3:]) / MIB - hot) <= 0.2 * hot
     access = json.loads(ctl(damond, "--json", "report", "access", str(record)).stdout)
-    over_hot = [r for r in access["regions"]
-                if r["start"] >= info["hot"][0] and r["end"] <= info["hot"][1]]  # fmt: skip
-    assert over_hot and all(r["cold_s"] == 0 for r in over_hot)
+    # the hot buffer lies in regions accessed in the last aggregation (cold for 0 s)
+    start, end = info["hot"]
+    warm = sum(
+        max(0, min(end, r["end"]) - max(start, r["start"]))
+        for r in access["regions"]
+        if r["cold_s"] == 0
+    )
+    assert warm >= 0.8 * (end - start), access["regions"]
+    assert any(r["cold_s"] > 0 for r in access["regions"])  # and the rest has been idle
     named = {r["mapping"] for r in access["regions"] if r["mapping"]}
     assert any(name.endswith(("python3", "python", "[heap]", "[stack]")) or "python" in name
                for name in named), named  # fmt: skip

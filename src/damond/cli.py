@@ -207,14 +207,19 @@ class Daemon:
         bus = await _connect(spec)
         adapter = BusAdapter(bus, self.tree)
         adapter.attach()  # objects answer before the name is visible
-        await _own_name(bus)
+        self.tree.listeners.append(status)
+        # before the name too: whoever sees org.damond1 sees the file applied
+        status.config_problem = self.apply_config()
+        try:
+            await _own_name(bus)
+        except Fatal:
+            await self.shutdown("not serving: the name is not ours")
+            raise
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
         warning = kernel_damon.interference_warning()
         if warning:
             log.warning("%s", warning)
-        self.tree.listeners.append(status)
-        status.config_problem = self.apply_config()
-        service.notify("READY=1")  # the name is owned, the tree exported, the file applied
+        service.notify("READY=1")  # the file applied, the name owned, the tree exported
         status.update()
 
         interval = service.watchdog_interval()

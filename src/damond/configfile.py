@@ -131,7 +131,7 @@ def load(path: Path, tree: Tree, *, missing_ok: bool) -> Applied | None:
     ConfigFileError (nothing changed) when the file cannot be read, parsed or
     validated."""
     if missing_ok and not path.exists():
-        log.info("no configuration file at %s: nothing to apply", path)
+        log.debug("no configuration file at %s: nothing to apply", path)
         return None
     specs = read(path)
     try:
