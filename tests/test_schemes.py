@@ -444,3 +444,41 @@ def test_configs_are_validated_in_the_core() -> None:
             SyntheticSpace([(0, MiB)]),
             SyntheticAccess([]),
         )
+
+
+def test_the_whole_array_pass_equals_the_kernels_region_walk() -> None:
+    """Schemes that nothing can cut are applied on the region arrays at once; an allow-all
+    target filter sends the same schemes down the region by region walk (a core filter
+    can cut): both must give the same stats, tried regions, ages and actions."""
+    rng = np.random.default_rng(3)
+    allow_all = FilterConfig("target", matching=True, allow=True, target_idx=0)
+    for _ in range(30):
+        n = int(rng.integers(1, 60))
+        sizes = (rng.integers(1, 64, n) * PAGE_SIZE).tolist()
+        nr = rng.integers(0, 21, n).tolist()
+        age = rng.integers(0, 40, n).tolist()
+        configs = [
+            SchemeConfig(
+                i,
+                action=str(rng.choice(["stat", "pageout", "cold"])),
+                pattern=AccessPattern(
+                    nr_accesses_max=int(rng.integers(0, 21)), age_min=int(rng.integers(0, 30))
+                ),
+            )
+            for i in range(int(rng.integers(1, 4)))
+        ]
+        outcomes = []
+        for filters in ((), (allow_all,)):
+            schemes_, actions = schemes(*[dataclasses.replace(c, filters=filters) for c in configs])
+            starts = np.cumsum([0, *sizes[:-1]]) + BASE
+            regions = Regions.build(starts, starts + np.array(sizes), nr, nr, age)
+            target = FakeTarget(TargetConfig(0, pid=1), regions)
+            schemes_.apply([target], 20, 20, ATTRS)
+            outcomes.append(
+                (
+                    [(r.stats, r.tried) for r in schemes_.results()],
+                    target.regions.rows(),
+                    sorted((c.action, c.start, c.end) for c in actions.calls),
+                )
+            )
+        assert outcomes[0] == outcomes[1], configs
