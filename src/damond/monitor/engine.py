@@ -207,7 +207,7 @@ class Engine:
             default=0,
         )
         self._merge_regions(max_nr_accesses // 10)
-        regions = self._target_snapshots()
+        regions, ended = self._target_snapshots(), self._clock()
         samples, self._aggr_samples = self._aggr_samples, 0
         # kdamond_call (where the kernel applies a commit) runs before the reset.
         with self._pending_lock:
@@ -219,7 +219,7 @@ class Engine:
             self._schemes.apply(
                 self._targets, self._passed_samples, attrs.samples_per_aggregation, attrs
             )
-        snapshot = self._snapshot(samples, regions)
+        snapshot = self._snapshot(ended, samples, regions)
         self._next_aggregation = self._passed_samples + self._config.attrs.samples_per_aggregation
         for t in self._targets:
             t.regions.reset_aggregated()
@@ -263,11 +263,13 @@ class Engine:
             for t in self._targets
         )
 
-    def _snapshot(self, samples: int, targets: tuple[TargetSnapshot, ...]) -> Snapshot:
+    def _snapshot(
+        self, ended_us: int, samples: int, targets: tuple[TargetSnapshot, ...]
+    ) -> Snapshot:
         self._seq += 1
         return Snapshot(
             seq=self._seq,
-            timestamp_us=self._clock(),
+            timestamp_us=ended_us,
             max_nr_accesses=samples,
             targets=targets,
             schemes=self._schemes.results(),
