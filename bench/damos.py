@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.guest import run_in_guest
 from bench.table import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,34 +41,9 @@ kernel's DAMOS "raised" throughput by 19 % that way)."""
 
 
 def run(results_dir: Path | None = None) -> dict[str, Any]:
-    """Boot the test guest once and measure (about 2 minutes)."""
-    from tests.vm import run as vm  # the rig's runner (only on the host)
-
-    rdir = Path(results_dir or tempfile.mkdtemp(prefix="damond-bench-damos-"))
-    python = REPO / ".venv" / "bin" / "python"
-    result = vm.run_in_guest(
-        [
-            str(python if python.exists() else sys.executable),
-            str(REPO / "tests" / "vm" / "damos.py"),
-            "/results/damos.json",
-            "--throughput-s",
-            str(THROUGHPUT_S),
-            "--pause-ms",
-            str(PAUSE_MS),
-        ],
-        timeout=1800,
-        vcpus=VCPUS,
-        memory_mib=1024,
-        results_dir=rdir,
-        cwd=REPO,
-    )
-    path = rdir / "damos.json"
-    if not path.exists():
-        raise RuntimeError(f"the guest wrote no results: {result.describe()}")
-    data: dict[str, Any] = json.loads(path.read_text())
-    data["results_dir"] = str(rdir)
-    data["guest_run_seconds"] = round(result.seconds, 1)
-    return data
+    """Boot the test guest once and measure (about 5 minutes)."""
+    args = ["/results/damos.json", "--throughput-s", str(THROUGHPUT_S), "--pause-ms", str(PAUSE_MS)]
+    return run_in_guest(REPO / "tests" / "vm" / "damos.py", args, "damos.json", results_dir, VCPUS)
 
 
 def _pct(x: float | None) -> str:

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, Damond, call, stop_process
 
 from damond.monitor.ops.meminfo import free_mem_rate
-from damond.tools.client import set_scheme, start_kdamonds, tried_regions
+from damond.tools.client import covered, set_scheme, start_kdamonds, tried_regions
 
 MiB = 1 << 20
 PAGE = 4096
@@ -74,17 +74,6 @@ def resident(pid: int, start: int, end: int) -> int:
     return int(np.count_nonzero(entries >> np.uint64(63))) * PAGE
 
 
-def overlap(ranges: list[tuple[int, int]], lo: int, hi: int) -> int:
-    """Bytes of [lo, hi) covered by the union of ranges."""
-    covered, at = 0, lo
-    for start, end in sorted(ranges):
-        start, end = max(start, at), min(end, hi)
-        if start < end:
-            covered += end - start
-            at = end
-    return covered
-
-
 async def one_scheme(d: Damond, pid: int, **attrs: int) -> None:
     """kdamond 0 monitoring pid, configured but off, with one scheme (defaults)."""
     await start_kdamonds(d.client, [pid], **attrs)
@@ -130,7 +119,7 @@ async def test_pageout_drops_the_cold_mapping_and_keeps_the_hot_one(
     # beside it can see none of its 20 samples land in the hot part, DAMON's resolution;
     # those pages are paged out and written again at once, which the 95 % allows for.)
     assert tried and all(nr == 0 and age >= IDLE_AGGREGATIONS for _, _, _, nr, age in tried)
-    assert overlap([(s, e) for _, s, e, _, _ in tried], *cold) >= 0.8 * COLD_MIB * MiB
+    assert covered([(s, e) for _, s, e, _, _ in tried], *cold) >= 0.8 * COLD_MIB * MiB
     stats = {
         n: await damond.get(S0, "org.damond1.SchemeStats", n)
         for n in ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
@@ -188,12 +177,12 @@ async def test_filters_exclude_what_they_say(
     await damond.set(K0, "org.damond1.Kdamond", "state", "s", "on")
     tried_ranges: list[tuple[int, int]] = []
     deadline = time.monotonic() + 30
-    while overlap(tried_ranges, half, end) < 0.9 * (end - half) and time.monotonic() < deadline:
+    while covered(tried_ranges, half, end) < 0.9 * (end - half) and time.monotonic() < deadline:
         await snapshots.next(timeout=10)
         reply = await call(damond.client, S0, "org.damond1.Scheme", "GetTriedRegions")
         if reply.error_name is None:
             tried_ranges += [(r[1], r[2]) for r in reply.body[0]]
-    assert overlap(tried_ranges, half, end) >= 0.9 * (end - half)  # the scheme was tried...
+    assert covered(tried_ranges, half, end) >= 0.9 * (end - half)  # the scheme was tried...
     assert resident(process.pid, half, end) == end - half  # ...and the anon filter kept it
 
 

@@ -30,7 +30,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -187,20 +186,10 @@ async def window(wl: sc.Workload, seconds: float, monitor: int | None) -> dict[s
     }
 
 
-def covered(ranges: list[tuple[int, int]], lo: int, hi: int) -> int:
-    covered, at = 0, lo
-    for start, end in sorted(ranges):
-        start, end = max(start, at), min(end, hi)
-        if start < end:
-            covered += end - start
-            at = end
-    return covered
-
-
 async def damond_phase(
     run: sc.Run, throughput_s: float, pause_ms: float, record: dict[str, Any]
 ) -> None:
-    from damond.tools.client import set_scheme
+    from damond.tools.client import covered, set_scheme
 
     wl = workload(pause_ms)
     try:
@@ -312,15 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = sc.Run(args.out, "auto")
     run.result.update(scenario="damos", guest=sc.guest_facts())
-    run.save()
-    t0 = time.monotonic()
-    try:
-        asyncio.run(scenario(run, args.throughput_s, args.pause_ms))
-    except Exception:
-        run.result["error"] = traceback.format_exc()
-        print(run.result["error"], flush=True)
-    run.result["seconds"] = round(time.monotonic() - t0, 2)
-    run.save()
+    sc.execute(run, scenario(run, args.throughput_s, args.pause_ms))
     return 0
 
 

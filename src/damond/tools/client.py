@@ -184,3 +184,15 @@ async def tried_regions(bus: MessageBus, scheme: str) -> list[tuple[int, int, in
     """GetTriedRegions of a scheme: (target index, start, end, nr_accesses, age) each."""
     body = await call(bus, scheme, "org.damond1.Scheme", "GetTriedRegions")
     return [(r[0], r[1], r[2], r[3], r[4]) for r in body[0]]
+
+
+def covered(ranges: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Bytes of [lo, hi) inside the union of ranges (e.g. the tried regions of several
+    GetTriedRegions calls, which overlap)."""
+    total, at = 0, lo
+    for start, end in sorted(ranges):
+        start, end = max(start, at), min(end, hi)
+        if start < end:
+            total += end - start
+            at = end
+    return total
