@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import clear_refs, dbus, engine, guest, page_idle
+from bench import clear_refs, damos, dbus, engine, guest, page_idle
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -48,6 +48,8 @@ def main() -> int:
     )
     print("damond vs the kernel's DAMON, in the test guest …", file=sys.stderr)
     guest_md = guest.markdown(guest.run())
+    print("DAMOS: damond vs the kernel's DAMOS, in the test guest …", file=sys.stderr)
+    damos_md = damos.markdown(damos.run())
     text = f"""# damond benchmarks
 
 Written by `make bench` ({Path(__file__).name}); numbers from one run.
@@ -104,6 +106,8 @@ reads idle) or a page off the LRU lists would count as accessed.
 {page_idle_md}
 
 {guest_md}
+
+{damos_md}
 """
     OUT.write_text(text)
     print(text)

@@ -35,7 +35,7 @@ ACTIVATION = REPO / "packaging" / "org.damond1.service"
 POLICY = REPO / "packaging" / "dbus-policy.conf"
 SYSTEM_PYTHON = "/usr/bin/python3"
 MAKE_TIMEOUT = 900  # a first install downloads and builds the dependencies
-EXPECTED_CAPS = {"CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE"}
+EXPECTED_CAPS = {"CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE", "CAP_SYS_NICE"}
 
 
 def make(*args: str) -> subprocess.CompletedProcess[str]:
@@ -439,13 +439,32 @@ def kpageflags():
     finally:
         os.close(fd)
     return "ok"
+def process_madvise():  # MADV_COLD on the target's buffer, as a DAMOS cold action does
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    iov = (ctypes.c_void_p * 2)(addr, 1 << 20)
+    pidfd = os.pidfd_open(pid)
+    try:
+        done = libc.syscall(440, pidfd, iov, 1, 20, 0)
+    finally:
+        os.close(pidfd)
+    if done < 0:
+        raise OSError(ctypes.get_errno(), "process_madvise")
+    return "ok"
 for name, action in [("clear_refs", clear_refs), ("smaps", smaps),
-                     ("pagemap", pagemap), ("kpageflags", kpageflags)]:
+                     ("pagemap", pagemap), ("kpageflags", kpageflags),
+                     ("process_madvise", process_madvise)]:
     attempt(name, action)
 print(json.dumps(out))
 """
 
-ALL_WORK = {"clear_refs": "ok", "smaps": "ok", "pagemap": "pfn", "kpageflags": "ok"}
+ALL_WORK = {
+    "clear_refs": "ok",
+    "smaps": "ok",
+    "pagemap": "pfn",
+    "kpageflags": "ok",
+    "process_madvise": "ok",
+}
 EACCES = f"errno {errno.EACCES}"
 
 
@@ -499,6 +518,9 @@ def test_each_capability_is_what_grants_its_access(nobodys_process: tuple[int, s
     assert probe_with({"CAP_DAC_OVERRIDE", "CAP_SYS_PTRACE"}, nobodys_process)["smaps"] == "ok"
     # /proc/kpageflags is root's (0400): no capability needed.
     assert probe_with(set(), nobodys_process)["kpageflags"] == "ok"
+    # process_madvise(2) to another process (DAMOS actions) needs CAP_SYS_NICE.
+    without_nice = probe_with(EXPECTED_CAPS - {"CAP_SYS_NICE"}, nobodys_process)
+    assert without_nice["process_madvise"] == f"errno {errno.EPERM}"
 
 
 # --- The installed unit under a real systemd ---------------------------------------
@@ -735,7 +757,8 @@ def test_first_call_starts_the_unit_which_reports_ready_and_status(under_systemd
 
 
 def test_the_service_runs_with_only_the_measured_capabilities(under_systemd: Booted) -> None:
-    caps = 1 << 21 | 1 << 19 | 1 << 1  # CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE
+    # CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE
+    caps = 1 << 21 | 1 << 23 | 1 << 19 | 1 << 1
     assert int(under_systemd["CapEff"], 16) == caps
     assert int(under_systemd["CapBnd"], 16) == caps
     assert under_systemd["NoNewPrivs"] == "1"

@@ -47,6 +47,9 @@ def host_support(registry: ops.Registry = ops.REGISTRY) -> str:
             reason = registry.why_unavailable(name)
             said = f"no ({reason.removeprefix(name + ': ')})" if reason else "available"
             lines.append(f"  {kind} {name}: {said}")
+    for name in registry.available_operations():
+        actions = ", ".join(registry.available_actions(name))
+        lines.append(f"  DAMOS actions on {name}: {actions}")
     return "\n".join(lines)
 
 

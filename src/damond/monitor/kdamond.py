@@ -136,6 +136,12 @@ class KdamondTask:
             if config is not handed:
                 engine.commit(config)
                 handed = config
+            pause = engine.activation_wait_us()
+            if pause:  # the watermarks have every scheme off: no sampling, as the kernel
+                if self._stopping.wait(min(pause / 1e6, threading.TIMEOUT_MAX)):
+                    return "stopped"
+                engine.prepare()  # what was marked before the pause is stale
+                continue
             if self._stopping.wait(engine.config.attrs.sample_us / 1e6):
                 return "stopped"
             applied = engine.config
@@ -179,9 +185,9 @@ def _engine_for(
     registry: ops.Registry,
     wrap_ops: OpsWrapper | None,
 ) -> Engine:
-    """An engine whose space and access check pin the same target processes."""
+    """An engine whose space, access check and actions pin the same target processes."""
     space = config.operations.space(processes)
     access = registry.make_access(config.access_check, processes)
     if wrap_ops is not None:
         space, access = wrap_ops(name, space, access)
-    return Engine(config, space, access)
+    return Engine(config, space, access, actions=registry.make_actions(processes))

@@ -168,3 +168,71 @@ async def subscribe_snapshots(
     await add_match(bus, rule)
     bus.add_message_handler(handle)
     return lambda: bus.remove_message_handler(handle)
+SCHEME_PROPERTIES: dict[str, tuple[str, str]] = {
+    **{n: ("org.damond1.Scheme", s) for n, s in (("action", "s"), ("apply_interval_us", "t"))},
+    **{n: ("org.damond1.AccessPattern", "t") for n in ("sz_min", "sz_max")},
+    **{
+        n: ("org.damond1.AccessPattern", "u")
+        for n in ("nr_accesses_min", "nr_accesses_max", "age_min", "age_max")
+    },
+    **{n: ("org.damond1.Quotas", "t") for n in ("ms", "bytes", "reset_interval_ms")},
+    **{n: ("org.damond1.Quotas", "u") for n in ("weight_sz", "weight_nr_accesses", "weight_age")},
+    "metric": ("org.damond1.Watermarks", "s"),
+    **{n: ("org.damond1.Watermarks", "t") for n in ("interval_us", "high", "mid", "low")},
+}
+"""Each writable file of a scheme by name: its interface and signature."""
+FILTER_PROPERTIES: dict[str, str] = {
+    "type": "s",
+    "matching": "b",
+    "allow": "b",
+    "memcg_path": "s",
+    "addr_start": "t",
+    "addr_end": "t",
+    "target_idx": "u",
+}
+
+
+async def set_scheme(
+    bus: MessageBus,
+    context: str,
+    index: int,
+    filters: tuple[dict[str, Any], ...] = (),
+    **props: Any,
+) -> str:
+    """Write scheme ``index`` of the context (it must exist): its files by name
+    (SCHEME_PROPERTIES), then as many filters as given, each a dict of
+    FILTER_PROPERTIES. The scheme's object path."""
+    path = f"{context}/schemes/{index}"
+    for name, value in props.items():
+        interface, signature = SCHEME_PROPERTIES[name]
+        await set_property(bus, path, interface, name, signature, value)
+    await set_property(bus, path, "org.damond1.Filters", "nr", "u", len(filters))
+    for i, f in enumerate(filters):
+        for name, value in f.items():
+            await set_property(
+                bus,
+                f"{path}/filters/{i}",
+                "org.damond1.Filter",
+                name,
+                FILTER_PROPERTIES[name],
+                value,
+            )
+    return path
+
+
+async def tried_regions(bus: MessageBus, scheme: str) -> list[tuple[int, int, int, int, int]]:
+    """GetTriedRegions of a scheme: (target index, start, end, nr_accesses, age) each."""
+    body = await call(bus, scheme, "org.damond1.Scheme", "GetTriedRegions")
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in body[0]]
+
+
+def covered(ranges: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Bytes of [lo, hi) inside the union of ranges (e.g. the tried regions of several
+    GetTriedRegions calls, which overlap)."""
+    total, at = 0, lo
+    for start, end in sorted(ranges):
+        start, end = max(start, at), min(end, hi)
+        if start < end:
+            total += end - start
+            at = end
+    return total
