@@ -111,9 +111,10 @@ async def test_a_refused_file_changes_nothing(configured: tuple[Damond, Path, in
     assert (
         "kdamonds/0/contexts/0: nr_regions min must be >= 3, is 2" in daemon.stderr()
     ), daemon.stderr()
-    config.write_text(json.dumps({"kdamonds": [{"contexts": [{"ops": "vaddr", "schemes": [{}]}]}]}))
+    migrating = {"ops": "vaddr", "schemes": [{"action": "migrate_hot"}]}
+    config.write_text(json.dumps({"kdamonds": [{"contexts": [migrating]}]}))
     await reload(daemon, "configuration refused")
-    assert "kdamonds[0].contexts[0].schemes: schemes (DAMOS)" in daemon.stderr()
+    assert "kdamonds[0].contexts[0].schemes[0].action: the migrate_hot action" in daemon.stderr()
     config.write_text("{not json")
     await reload(daemon, "configuration refused")
     assert "not JSON" in daemon.stderr()

@@ -113,10 +113,11 @@ async def test_dump_and_start_config_round_trip(
     assert await damond.get(K0, "org.damond1.Kdamond", "state") == "on"
     # a document damond cannot honour is refused before anything is written
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"kdamonds": [{"contexts": [{"ops": "vaddr", "schemes": [{}]}]}]}))
+    migrating = {"ops": "vaddr", "schemes": [{"action": "migrate_hot"}]}
+    bad.write_text(json.dumps({"kdamonds": [{"contexts": [migrating]}]}))
     refused = ctl(damond, "tune", "--config", str(bad), check=False)
     assert refused.returncode == EXIT_INPUT
-    assert "kdamonds[0].contexts[0].schemes" in refused.stderr
+    assert "kdamonds[0].contexts[0].schemes[0].action: the migrate_hot action" in refused.stderr
     assert await damond.managed_objects() == after
 
 

@@ -26,6 +26,8 @@ LAYER_OF = {
     "damond.busio": 3,
     "damond.configfile": 2,
     "damond.kdamonds_format": 2,
+    "damond.damos_format": 2,
+    "damond.damo_text": 2,
     "damond.hierarchy": 2,
     "damond.errors": 2,
     "damond.monitor.ops": 0,
