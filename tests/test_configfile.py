@@ -1,9 +1,10 @@
 """The declarative configuration: damo's kdamonds JSON at start (--config) and on SIGHUP.
 
 The real daemon on a private bus, monitoring a real process: a file starts
-monitoring with no client involved; a reload commits new values to a running
-kdamond without restarting it (seq goes on); a refused file changes nothing
-and the daemon keeps serving, saying which object and rule.
+monitoring with no client involved, its scheme running (stats grow); a reload
+commits new values, the scheme's included, to a running kdamond without
+restarting it (seq goes on, stats too); a refused file changes nothing and the
+daemon keeps serving, saying which object and rule.
 """
 
 from __future__ import annotations
@@ -24,9 +25,28 @@ from damond.tools.privatebus import PrivateBus, spawn_daemon
 
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
+S0 = f"{C0}/schemes/0"
+STATS = "org.damond1.SchemeStats"
 
 
-def kdamonds(pid: int, aggr_us: int = 50_000, min_regions: int = 10) -> dict[str, Any]:
+def stat_scheme(age_min: str = "0 s", sz_quota: str = "0 B") -> dict[str, Any]:
+    """A scheme that acts on nothing and counts every region (damo's units)."""
+    return {
+        "action": "stat",
+        "access_pattern": {
+            "sz_bytes": {"min": "0 B", "max": "max"},
+            "nr_accesses": {"min": "0 %", "max": "100 %"},
+            "age": {"min": age_min, "max": "max"},
+        },
+        "quotas": {"time_ms": 0, "sz_bytes": sz_quota, "reset_interval_ms": "1 s",
+                   "weights": {"sz_permil": "0 %", "nr_accesses_permil": "0 %",
+                               "age_permil": "100 %"}},
+    }  # fmt: skip
+
+
+def kdamonds(
+    pid: int, aggr_us: int = 50_000, min_regions: int = 10, scheme: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "kdamonds": [
             {
@@ -37,11 +57,34 @@ def kdamonds(pid: int, aggr_us: int = 50_000, min_regions: int = 10) -> dict[str
                         "intervals": {"sample_us": "5 ms", "aggr_us": aggr_us,
                                       "ops_update_us": "1 s"},
                         "nr_regions": {"min": min_regions, "max": "1,000"},
+                        "schemes": [scheme or stat_scheme()],
                     }
                 ]
             }
         ]
     }  # fmt: skip
+
+
+def settings(objects: dict[str, Any]) -> dict[str, Any]:
+    """The tree without what a running scheme changes by itself (its stats, the
+    effective quota)."""
+    return {
+        path: {
+            iface: {k: v for k, v in props.items() if k != "effective_bytes"}
+            for iface, props in ifaces.items()
+            if iface != STATS
+        }
+        for path, ifaces in objects.items()
+    }
+
+
+async def nr_tried_above(daemon: Damond, changes: Any, floor: int) -> int:
+    """Await the scheme's announced stats (PropertiesChanged, at most once a second) until
+    nr_tried passes floor; the value."""
+    while True:
+        msg = await changes.next(timeout=10)
+        if msg.body[0] == STATS and msg.body[1]["nr_tried"].value > floor:
+            return int(msg.body[1]["nr_tried"].value)
 
 
 @pytest.fixture
@@ -83,42 +126,68 @@ async def test_the_file_starts_monitoring_at_start(configured: tuple[Damond, Pat
     assert await daemon.get(C0, "org.damond1.Intervals", "aggr_us") == 50_000
     assert await daemon.get(f"{C0}/targets/0", "org.damond1.Target", "pid") == pid
     snapshots = await daemon.signals(path=C0, member="Snapshot")
+    changes = await daemon.signals(path=S0, member="PropertiesChanged")
     body = (await snapshots.next(timeout=10)).body
     assert body[3][0][1] == pid
     assert f"configuration {config} applied: 1 kdamond(s), 1 on" in daemon.stderr()
+    # the file's scheme runs: its stats grow, aggregation after aggregation
+    assert await daemon.get(S0, "org.damond1.Scheme", "action") == "stat"
+    assert await daemon.get(S0, "org.damond1.Quotas", "weight_age") == 1000  # "100 %"
+    first = await nr_tried_above(daemon, changes, 0)
+    await nr_tried_above(daemon, changes, first)
 
 
 async def test_a_reload_commits_without_restarting(configured: tuple[Damond, Path, int]) -> None:
     daemon, config, pid = configured
     snapshots = await daemon.signals(path=C0, member="Snapshot")
+    changes = await daemon.signals(path=S0, member="PropertiesChanged")
     before = (await snapshots.next(timeout=10)).body[0]
-    config.write_text(json.dumps(kdamonds(pid, aggr_us=100_000, min_regions=12)))
+    tried = await nr_tried_above(daemon, changes, 0)
+    new = kdamonds(pid, aggr_us=100_000, min_regions=12, scheme=stat_scheme("1 s", "1 MiB"))
+    config.write_text(json.dumps(new))
     await reload(daemon, "applied")
     assert await daemon.get(C0, "org.damond1.Intervals", "aggr_us") == 100_000
     assert await daemon.get(C0, "org.damond1.NrRegions", "min") == 12
+    # the scheme's new files, its age counted in the new aggregations (1 s / 100 ms)
+    assert await daemon.get(S0, "org.damond1.AccessPattern", "age_min") == 10
+    assert await daemon.get(S0, "org.damond1.Quotas", "bytes") == 1 << 20
     snapshots.drain()
     after = (await snapshots.next(timeout=10)).body[0]
     assert after > before, "seq restarted: the reload turned the kdamond off and on"
+    changes.drain()
+    assert await nr_tried_above(daemon, changes, tried) > tried  # stats kept, not reset
     assert f"{K0.removeprefix(ROOT + '/')} commit" in daemon.stderr()
 
 
 async def test_a_refused_file_changes_nothing(configured: tuple[Damond, Path, int]) -> None:
     daemon, config, pid = configured
-    objects = await daemon.managed_objects()
+    objects = settings(await daemon.managed_objects())
     config.write_text(json.dumps(kdamonds(pid, aggr_us=100_000, min_regions=2)))
     await reload(daemon, "configuration refused")
-    assert await daemon.managed_objects() == objects
+    assert settings(await daemon.managed_objects()) == objects
     assert (
         "kdamonds/0/contexts/0: nr_regions min must be >= 3, is 2" in daemon.stderr()
     ), daemon.stderr()
-    migrating = {"ops": "vaddr", "schemes": [{"action": "migrate_hot"}]}
-    config.write_text(json.dumps({"kdamonds": [{"contexts": [migrating]}]}))
+    # a scheme the core's rules refuse: the file's tree object and the rule
+    bad = stat_scheme()
+    bad["access_pattern"]["nr_accesses"] = {"min": "50 %", "max": "10 %"}
+    config.write_text(json.dumps(kdamonds(pid, scheme=bad)))
     await reload(daemon, "configuration refused")
-    assert "kdamonds[0].contexts[0].schemes[0].action: the migrate_hot action" in daemon.stderr()
+    assert (
+        "kdamonds/0/contexts/0/schemes/0: access pattern nr_accesses_min (5) must be <= "
+        "nr_accesses_max (1)" in daemon.stderr()
+    ), daemon.stderr()
+    # what damond cannot do: the document's place and what it is
+    goals = stat_scheme()
+    goals["quotas"]["goals"] = [{"metric": "some_mem_psi_us", "target_value": "1 ms",
+                                 "current_value": 0}]  # fmt: skip
+    config.write_text(json.dumps(kdamonds(pid, scheme=goals)))
+    await reload(daemon, "configuration refused")
+    assert "kdamonds[0].contexts[0].schemes[0].quotas.goals: quota goals" in daemon.stderr()
     config.write_text("{not json")
     await reload(daemon, "configuration refused")
     assert "not JSON" in daemon.stderr()
-    assert await daemon.managed_objects() == objects
+    assert settings(await daemon.managed_objects()) == objects
     assert await daemon.get(K0, "org.damond1.Kdamond", "state") == "on"
 
 
