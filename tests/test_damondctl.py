@@ -1,6 +1,7 @@
 """damondctl against the real daemon on a real bus, monitoring a real workload.
 
-Round trips (start, status, tune, stop, dump and start --config), errors with
+Round trips (start, status, tune, stop, dump and start --config, a DAMOS scheme
+included), errors with
 their exit codes, the working set size of a workload whose working set is
 known, and records that damo's own report commands read.
 """
@@ -24,6 +25,7 @@ from damond.tools.ctl.common import EXIT_INPUT, EXIT_REFUSED, EXIT_UNREACHABLE
 
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
+S0 = f"{C0}/schemes/0"
 MIB = 1 << 20
 HOT_MIB, COLD_MIB = 32, 64
 """The hot buffer is the working set: larger than the interpreter's own memory that the
@@ -94,13 +96,50 @@ async def test_start_status_tune_stop(damond: Damond, sleeper: subprocess.Popen[
     assert ctl(damond, "stop").stdout.strip() == "nothing was on"
 
 
+def settings(objects: dict[str, Any]) -> dict[str, Any]:
+    """The tree without what a running scheme changes by itself (stats, effective quota)."""
+    return {
+        path: {
+            iface: {k: v for k, v in props.items() if k != "effective_bytes"}
+            for iface, props in groups.items()
+            if iface != "org.damond1.SchemeStats"
+        }
+        for path, groups in objects.items()
+    }
+
+
 async def test_dump_and_start_config_round_trip(
     damond: Damond, sleeper: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
-    ctl(damond, "start", "--pid", str(sleeper.pid), "--sample", "2ms", "--aggr", "40ms")
+    # a scheme comes in a damo file, in damo's units
+    scheme = {
+        "action": "stat",
+        "access_pattern": {"nr_accesses": {"min": "0 %", "max": "50 %"},
+                           "age": {"min": 0, "max": "1 s"}},
+        "filters": [{"filter_type": "anon", "matching": True, "allow": True}],
+    }
+    document = {"kdamonds": [{"contexts": [{
+        "ops": "vaddr", "targets": [{"pid": sleeper.pid}],
+        "intervals": {"sample_us": "2ms", "aggr_us": "40ms"}, "schemes": [scheme],
+    }]}]}  # fmt: skip
+    with_scheme = tmp_path / "with-scheme.json"
+    with_scheme.write_text(json.dumps(document))
+    snapshots = await damond.signals(path=C0, member="Snapshot")
+    assert ctl(damond, "start", "--config", str(with_scheme)).stdout.strip() == K0
+    assert await damond.get(S0, "org.damond1.AccessPattern", "nr_accesses_max") == 10  # of 20
+    assert await damond.get(S0, "org.damond1.AccessPattern", "age_max") == 25  # 1 s / 40 ms
+    await snapshots.next(timeout=10)  # the scheme has been applied once
+    status = json.loads(ctl(damond, "--json", "status").stdout)
+    [shown] = status["contexts"][0]["schemes"]
+    assert shown["action"] == "stat" and shown["nr_tried"] >= 1 and shown["sz_tried"] > 0
+    assert shown["nr_applied"] == 0  # stat applies nothing
+    assert "scheme 0: stat, tried" in ctl(damond, "status").stdout
+
     dumped = tmp_path / "kdamonds.yaml"
     ctl(damond, "dump", "--format", "yaml", "-o", str(dumped))
     before = await damond.managed_objects()
+    # the dump, schemes and all, is what runs: tune --config commits it without a restart
+    assert ctl(damond, "tune", "--config", str(dumped)).stdout.strip() == f"{K0}: commit"
     ctl(damond, "stop")
     # a running kdamond: start --config refuses, saying what to do
     ctl(damond, "start", "--pid", str(sleeper.pid))
@@ -108,17 +147,20 @@ async def test_dump_and_start_config_round_trip(
     assert busy.returncode == EXIT_REFUSED and "tune --config" in busy.stderr
     ctl(damond, "stop")
     ctl(damond, "start", "--config", str(dumped))
-    after = await damond.managed_objects()
-    assert after[C0] == before[C0]  # intervals, access check, … as dumped
+    after = settings(await damond.managed_objects())
+    assert after[C0] == settings(before)[C0]  # intervals, access check, … as dumped
+    assert after[S0] == settings(before)[S0]  # the scheme too
+    assert after[f"{S0}/filters/0"] == before[f"{S0}/filters/0"]
     assert await damond.get(K0, "org.damond1.Kdamond", "state") == "on"
     # a document damond cannot honour is refused before anything is written
     bad = tmp_path / "bad.json"
-    migrating = {"ops": "vaddr", "schemes": [{"action": "migrate_hot"}]}
-    bad.write_text(json.dumps({"kdamonds": [{"contexts": [migrating]}]}))
+    scheme["action"] = "migrate_hot"
+    bad.write_text(json.dumps(document))
+    objects = settings(await damond.managed_objects())
     refused = ctl(damond, "tune", "--config", str(bad), check=False)
     assert refused.returncode == EXIT_INPUT
     assert "kdamonds[0].contexts[0].schemes[0].action: the migrate_hot action" in refused.stderr
-    assert await damond.managed_objects() == after
+    assert settings(await damond.managed_objects()) == objects
 
 
 async def test_errors_have_meaningful_exit_codes(damond: Damond, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """damond-exporter against the real daemon: /metrics scraped over HTTP on loopback and
-parsed with prometheus_client's own parser, for a workload whose working set is known."""
+parsed with prometheus_client's own parser, for a workload whose working set is known,
+with a DAMOS stat scheme whose counters grow."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 from conftest import ROOT, Damond, start_workload, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 
-from damond.tools.client import start_kdamonds
+from damond import kdamonds_format as fmt
+from damond.tools.tree import run_steps
 
 C0 = f"{ROOT}/kdamonds/0/contexts/0"
+S0 = f"{C0}/schemes/0"
 MIB = 1 << 20
 
 
@@ -54,7 +57,11 @@ async def test_metrics_of_a_running_context(
         ready = exporter.stderr.readline()  # said once it listens
         assert f"serving /metrics on 127.0.0.1:{port}" in ready, ready
         snapshots = await damond.signals(path=C0, member="Snapshot")
-        await start_kdamonds(damond.client, [process.pid], aggr_us=50_000)
+        stats = await damond.signals(path=S0, member="PropertiesChanged")
+        context = {"ops": "vaddr", "targets": [{"pid": process.pid}],
+                   "intervals": {"aggr_us": "50 ms"}, "schemes": [{"action": "stat"}]}
+        await run_steps(damond.client, fmt.build(fmt.parse({"kdamonds": [
+            {"contexts": [context]}]})))  # fmt: skip
         for _ in range(8):  # enough aggregations for the regions to settle on the buffer
             await snapshots.next(timeout=10)
         url = f"http://127.0.0.1:{port}/metrics"
@@ -88,6 +95,28 @@ async def test_metrics_of_a_running_context(
         [aggregation] = metrics["damond_aggregation_interval_seconds"]
         assert aggregation.value >= 0.05 * 0.8
         assert [s.value for s in metrics["damond_kdamond_running"]] == [1]
+
+        # the scheme's counters, from the tree the exporter reads again when stats change
+        labels = {"kdamond": "0", "context": "0", "scheme": "0", "action": "stat"}
+        seen: list[float] = []
+        for _ in range(10):
+            tried = scrape(url).get("damond_scheme_tried_regions", [])
+            if tried:
+                [sample] = tried
+                assert sample.name == "damond_scheme_tried_regions_total"
+                assert sample.labels == labels
+                if sample.value > 0:
+                    seen.append(sample.value)
+                if len(seen) > 1 and seen[-1] > seen[0]:
+                    break
+            await stats.next(timeout=10)  # the daemon announces stats at most once a second
+        assert len(seen) > 1 and seen[-1] > seen[0], seen
+        scraped = scrape(url)
+        for family in ("damond_scheme_tried_bytes", "damond_scheme_applied_regions",
+                       "damond_scheme_applied_bytes", "damond_scheme_quota_exceeds"):  # fmt: skip
+            assert [s.labels for s in scraped[family]] == [labels], family
+        assert scraped["damond_scheme_tried_bytes"][0].value > 0
+        assert scraped["damond_scheme_applied_regions"][0].value == 0  # stat applies nothing
     finally:
         exporter.terminate()
         assert exporter.wait(timeout=10) == 0

@@ -38,7 +38,7 @@ from damond.tools import client
 from damond.tools.ctl.common import comm
 from damond.tools.render import SnapshotView, parse
 from damond.tools.stats import aggregation_seconds, idle_percentiles, weighted_wss
-from damond.tools.tree import ContextInfo, contexts, from_managed, relative
+from damond.tools.tree import ContextInfo, contexts, from_managed
 
 log = logging.getLogger("damond-exporter")
 
@@ -53,8 +53,6 @@ OWNER_RULE = (
     f"arg0='{client.BUS_NAME}'"
 )
 
-SCHEME_STATS_INTERFACE = "org.damond1.SchemeStats"
-SCHEME_INTERFACE = "org.damond1.Scheme"
 SCHEME_STATS = {
     # property of org.damond1.SchemeStats: (metric, help)
     "nr_tried": ("damond_scheme_tried_regions", "regions a scheme was tried on"),
@@ -140,25 +138,20 @@ class State:
                 if info.running:
                     state = self.contexts.setdefault(path, ContextState(info))
                     state.info = info
-            self.schemes = _scheme_stats(raw)
+            self.schemes = [
+                (
+                    {
+                        "kdamond": str(c.kdamond),
+                        "context": str(c.index),
+                        "scheme": str(s.index),
+                        "action": s.action,
+                    },
+                    s.stats,
+                )
+                for c in found.values()
+                for s in c.schemes
+            ]
             self.up = True
-
-
-def _scheme_stats(raw: dict[str, dict[str, dict[str, Any]]]) -> list[Any]:
-    found = []
-    for path, ifaces in raw.items():
-        stats = ifaces.get(SCHEME_STATS_INTERFACE)
-        if stats is None:
-            continue
-        parts = relative(path).split("/")  # kdamonds/K/contexts/C/schemes/S
-        labels = {
-            "kdamond": parts[1] if len(parts) > 1 else "",
-            "context": parts[3] if len(parts) > 3 else "",
-            "scheme": parts[-1],
-            "action": str(ifaces.get(SCHEME_INTERFACE, {}).get("action", "")),
-        }
-        found.append((labels, {k: int(v) for k, v in stats.items() if k in SCHEME_STATS}))
-    return found
 
 
 class Collector:

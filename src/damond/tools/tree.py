@@ -9,7 +9,7 @@ and messages apply.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,22 @@ class TargetInfo:
     """User-given regions (fvaddr, paddr); 0 for vaddr's own."""
 
 
+SCHEME_STATS = ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
+"""org.damond1.SchemeStats, as the kernel's schemes/S/stats/ files."""
+
+
+@dataclass(frozen=True)
+class SchemeInfo:
+    """One scheme: what it does and what it did (stats since its kdamond went on)."""
+
+    index: int
+    action: str
+    stats: dict[str, int]
+    """SCHEME_STATS by name (those the daemon has)."""
+    effective_bytes: int
+    """The quota in force (0: none)."""
+
+
 @dataclass(frozen=True)
 class ContextInfo:
     """One context as status and the live commands need it."""
@@ -85,6 +101,7 @@ class ContextInfo:
     min_nr_regions: int
     max_nr_regions: int
     targets: tuple[TargetInfo, ...]
+    schemes: tuple[SchemeInfo, ...] = ()
 
     @property
     def path(self) -> str:
@@ -120,6 +137,10 @@ def contexts(objects: fmt.TreeObjects) -> list[ContextInfo]:
                 )
                 for t, tpath in enumerate(fmt.children(objects, cpath, "targets"))
             )
+            schemes = tuple(
+                _scheme(s, objects[spath])
+                for s, spath in enumerate(fmt.children(objects, cpath, "schemes"))
+            )
             found.append(
                 ContextInfo(
                     kdamond=int(kpath.rsplit("/", 1)[1]),
@@ -133,9 +154,20 @@ def contexts(objects: fmt.TreeObjects) -> list[ContextInfo]:
                     min_nr_regions=ctx["nr_regions"]["min"],
                     max_nr_regions=ctx["nr_regions"]["max"],
                     targets=targets,
+                    schemes=schemes,
                 )
             )
     return found
+
+
+def _scheme(index: int, groups: Mapping[str, Mapping[str, Any]]) -> SchemeInfo:
+    stats = groups.get("scheme_stats", {})
+    return SchemeInfo(
+        index,
+        str(groups.get("scheme", {}).get("action", "")),
+        {name: int(stats[name]) for name in SCHEME_STATS if name in stats},
+        int(groups.get("quotas", {}).get("effective_bytes", 0)),
+    )
 
 
 def monitoring(objects: fmt.TreeObjects, pid: int) -> ContextInfo | None:

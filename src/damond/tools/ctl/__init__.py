@@ -21,14 +21,15 @@ EPILOG = """\
 examples:
   python -m damond.tools.workload &              # a process with a hot and a cold buffer
   damondctl start --pid $!                       # monitor it; prints /org/damond1/kdamonds/0
-  damondctl status                               # what runs, its regions, wss, last snapshot
+  damondctl status                               # what runs: regions, wss, schemes' stats
   damondctl watch                                # the live picture (Ctrl-C to stop)
   damondctl wss $! --count 10                    # working set size, one line per aggregation
   damondctl record -o rec.data --duration 10     # a record damo's reports read too
   damondctl report heatmap rec.data --png heat.png
   damondctl tune 0 --aggr 200ms --commit         # new intervals, without stopping
   damondctl dump > kdamonds.json                 # the tree in damo's kdamonds format
-  damondctl start --config kdamonds.json         # ... and back (JSON or YAML, damo's files too)
+  damondctl start --config kdamonds.json         # ... and back (JSON or YAML, damo's files too,
+                                                 # DAMOS schemes included)
   damondctl stop
   damondctl --bus unix:path=/tmp/b/bus status    # a private bus (or DAMOND_BUS=...)
 
@@ -125,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="FILE",
-        help="damo's kdamonds JSON/YAML: set up the whole tree as it says",
+        help="damo's kdamonds JSON/YAML: set up the whole tree as it says, schemes included",
     )
     _monitoring_options(p, with_ops=True)
 

@@ -112,9 +112,32 @@ async def status_rows(bus: MessageBus) -> list[dict[str, Any]]:
                     "regions": snap.nr_regions,
                 },
                 "targets": targets,
+                "schemes": [
+                    {
+                        "index": s.index,
+                        "action": s.action,
+                        **s.stats,
+                        "effective_bytes": s.effective_bytes,
+                    }
+                    for s in ctx.schemes
+                ],
             }
         )
     return rows
+
+
+def _scheme_line(scheme: dict[str, Any]) -> str:
+    """A scheme's stats as status prints them (the kernel's names, in words)."""
+    words = [f"scheme {scheme['index']}: {scheme['action']}"]
+    if "nr_tried" in scheme:
+        words.append(
+            f"tried {scheme['nr_tried']} regions ({format_size(scheme['sz_tried'])}), "
+            f"applied to {scheme['nr_applied']} ({format_size(scheme['sz_applied'])}), "
+            f"quota exceeded {scheme['qt_exceeds']} times"
+        )
+    if scheme["effective_bytes"]:
+        words.append(f"quota {format_size(scheme['effective_bytes'])}")
+    return ", ".join(words)
 
 
 async def status(bus: MessageBus, args: argparse.Namespace) -> int:
@@ -168,6 +191,8 @@ async def status(bus: MessageBus, args: argparse.Namespace) -> int:
             )
             name = f" ({escape(t['comm'])})" if t["comm"] else ""
             console.print(f"    target {t['index']}: pid {t['pid']}{name}{seen}")
+        for scheme in row["schemes"]:
+            console.print(f"    {_scheme_line(scheme)}")
     console.print(f"[dim]wss: {WSS_METHOD}[/dim]")
     return 0
 
@@ -358,7 +383,7 @@ async def tune(bus: MessageBus, args: argparse.Namespace) -> int:
     else:
         targets = context.targets
     values = tuple((g, n, given.get((g, n), v)) for g, n, v in context.values)
-    spec = fmt.KdamondSpec(was.on, (fmt.ContextSpec(values, targets),))
+    spec = fmt.KdamondSpec(was.on, (fmt.ContextSpec(values, targets, context.schemes),))
     changes: list[fmt.Step] = list(fmt.kdamond_writes(k, spec, structure=False))
     if args.commit:
         changes.append(fmt.StateChange(fmt.kdamond_path(k), "commit"))
