@@ -126,7 +126,7 @@ def _count(n: int, noun: str) -> str:
 
 @dataclass(frozen=True)
 class ContextConfig:
-    """What one context monitors and how: operations, access check, attrs, targets."""
+    """What one context monitors and how: operations, access check, attrs, targets, backend."""
 
     operations: Operations
     """The operations set's table (monitor/ops): its rules and its address space."""
@@ -134,6 +134,9 @@ class ContextConfig:
     """Resolved name of the access check (never ``auto``)."""
     attrs: Attrs
     targets: tuple[TargetConfig, ...]
+    backend: str = "user"
+    """Resolved name of the backend that runs it (never ``auto``): damond's own engine
+    (``user``) or the kernel's DAMON (``kernel``); see monitor/backends.py."""
 
     def validate(self) -> ContextConfig:
         """Every rule a context must obey before an engine takes it; returns self.
