@@ -40,7 +40,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def _daemon() -> AsyncIterator[MessageBus]:
     with start_private_bus() as bus, tempfile.TemporaryDirectory() as tmp:
         client = await connect(bus.address)
-        daemon = spawn_daemon(bus.address, Path(tmp) / "damond.log")
+        daemon = spawn_daemon(bus.address, Path(tmp) / "damond.log", "--kernel-damon-admin", "off")
         try:
             await wait_for_name(client, "org.damond1", 15)
             yield client

@@ -42,6 +42,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 VM = REPO / "tests" / "vm"
+if str(REPO) not in sys.path:  # run as a script in the guest: bench/ itself is on the path
+    sys.path.insert(0, str(REPO))
+
+from bench import kernel_backend  # noqa: E402
 
 REPEATS = 3
 CPU_SECONDS = 30.0
@@ -334,6 +338,7 @@ async def measure_profile(scenarios: ModuleType, workdir: Path) -> dict[str, Any
                     str(prof),
                     "--bus",
                     bus.address,
+                    *scenarios.USER_BACKEND_ONLY,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -380,7 +385,7 @@ async def measure_profile(scenarios: ModuleType, workdir: Path) -> dict[str, Any
         wl.stop()
 
 
-PARTS = ("cpu", "profile", "accuracy")
+PARTS = ("cpu", "profile", "accuracy", "kernel")
 
 
 async def in_guest(out: Path, parts: tuple[str, ...] = PARTS) -> int:
@@ -394,6 +399,7 @@ async def in_guest(out: Path, parts: tuple[str, ...] = PARTS) -> int:
         ("cpu", lambda: measure_cpu(scenarios, kernel_damon, workdir)),
         ("profile", lambda: measure_profile(scenarios, workdir)),
         ("accuracy", lambda: measure_accuracy(scenarios, workdir)),
+        ("kernel", lambda: kernel_backend.measure(scenarios, kernel_damon, workdir)),
     ):
         if name not in parts:
             continue
@@ -587,6 +593,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             *_what_dominates(prof["by_category"]),
         ]
+    if results.get("kernel"):
+        lines += kernel_backend.markdown(results["kernel"])
     if "error" in acc:
         lines += ["Accuracy measurement failed:", "", "```", acc["error"].strip(), "```", ""]
     elif acc:

@@ -256,7 +256,7 @@ async def run_soak(
     with start_private_bus() as bus, tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "damond.log"
         client = await connect(bus.address)
-        daemon = spawn_daemon(bus.address, log_path)
+        daemon = spawn_daemon(bus.address, log_path, "--kernel-damon-admin", "off")
         subscribers: subprocess.Popen[str] | None = None
         try:
             await wait_for_name(client, "org.damond1", 15)

@@ -1,4 +1,9 @@
-"""Monitoring real processes through a real bus: walkthrough, snapshots, commit, exit, flood."""
+"""Monitoring real processes through a real bus: walkthrough, snapshots, commit, exit, flood.
+
+The contexts ask for conftest.TEST_BACKEND: damond's own engine on the host;
+tests/vm/test_guest_kernel_backend.py runs these tests in the test guest on the
+kernel's own DAMON (DAMOND_TEST_BACKEND=kernel).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from conftest import ROOT, Damond, call, stop_process
+from conftest import KERNEL_BACKEND, ROOT, TEST_BACKEND, Damond, call, is_kdamond_pid, stop_process
 
 from damond.tools.client import start_kdamonds
 
@@ -49,21 +54,29 @@ async def test_seed_walkthrough_with_busctl(
     damond.busctl(*b, ROOT, "org.damond1.Kdamonds", "nr", "u", "1")
     damond.busctl(*b, K0, "org.damond1.Contexts", "nr", "u", "1")
     damond.busctl(*b, C0, "org.damond1.Context", "operations", "s", "vaddr")
+    damond.busctl(*b, C0, "org.damond1.Context", "backend", "s", TEST_BACKEND)
     damond.busctl(*b, C0, "org.damond1.Targets", "nr", "u", "1")
     damond.busctl(*b, T0, "org.damond1.Target", "pid", "i", str(process.pid))
     damond.busctl(*b, K0, "org.damond1.Kdamond", "state", "s", "on")
     get = ["get-property", "org.damond1", K0, "org.damond1.Kdamond"]
     assert damond.busctl(*get, "state").stdout.strip() == 's "on"'
-    assert damond.busctl(*get, "pid").stdout.strip() == f"i {damond.process.pid}"
+    pid = int(damond.busctl(*get, "pid").stdout.split()[1])
+    assert is_kdamond_pid(damond, pid), pid
     # what auto stood for, said by the daemon (and announced) rather than guessed by clients
     context = ["get-property", "org.damond1", C0, "org.damond1.Context"]
     avail = json.loads(damond.busctl("--json=short", *context, "avail_access_checks").stdout)
     effective = damond.busctl(*context, "effective_access_check").stdout.strip()
-    assert effective == f's "{avail["data"][0]}"', (effective, avail)
+    backend = damond.busctl(*context, "effective_backend").stdout.strip()
+    if KERNEL_BACKEND:  # the kernel samples: no access check of damond's
+        assert (backend, effective) == ('s "kernel"', 's ""'), (backend, effective)
+    else:
+        assert backend == 's "user"', backend
+        assert effective == f's "{avail["data"][0]}"', (effective, avail)
     announced = (await context_changes.next()).body[1]  # the first change of C0 since nr
     while "effective_access_check" not in announced:
         announced = (await context_changes.next()).body[1]
     assert f's "{announced["effective_access_check"].value}"' == effective
+    assert f's "{announced["effective_backend"].value}"' == backend
 
     bodies = [(await snapshots.next(timeout=10)).body for _ in range(12)]
     seqs = [body[0] for body in bodies]
@@ -83,11 +96,12 @@ async def test_seed_walkthrough_with_busctl(
     assert damond.busctl(*get, "state").stdout.strip() == 's "off"'
     assert damond.busctl(*get, "pid").stdout.strip() == "i -1"
     assert damond.busctl(*context, "effective_access_check").stdout.strip() == 's ""'
+    assert damond.busctl(*context, "effective_backend").stdout.strip() == 's ""'
 
 
 async def configure_and_start(d: Damond, pid: int, **attrs: int) -> None:
     """kdamond 0 monitors pid (vaddr) with these Intervals/NrRegions, and is on."""
-    await start_kdamonds(d.client, [pid], **attrs)
+    await start_kdamonds(d.client, [pid], TEST_BACKEND, **attrs)
 
 
 async def test_hot_and_cold_buffers_are_told_apart(
@@ -127,10 +141,9 @@ async def test_target_exit_turns_the_kdamond_off(damond: Damond) -> None:
         on = await changes.next()
         while on.body[0] != "org.damond1.Kdamond":  # Contexts.nr came first
             on = await changes.next()
-        assert {k: v.value for k, v in on.body[1].items()} == {
-            "state": "on",
-            "pid": damond.process.pid,
-        }
+        said = {k: v.value for k, v in on.body[1].items()}
+        assert said.keys() == {"state", "pid"} and said["state"] == "on", said
+        assert is_kdamond_pid(damond, said["pid"]), said
         target.kill()
         target.wait()
         off = await changes.next(timeout=10)

@@ -21,6 +21,9 @@ CONTRACT = {
             "access_check": ("s", "readwrite"),
             "avail_access_checks": ("as", "read"),
             "effective_access_check": ("s", "read"),
+            "backend": ("s", "readwrite"),
+            "avail_backends": ("as", "read"),
+            "effective_backend": ("s", "read"),
         },
         "org.damond1.Intervals": {
             "sample_us": ("t", "readwrite"),
@@ -99,6 +102,8 @@ DEFAULTS = {
     ("org.damond1.Context", "operations"): "vaddr",
     ("org.damond1.Context", "access_check"): "auto",
     ("org.damond1.Context", "effective_access_check"): "",
+    ("org.damond1.Context", "backend"): "auto",
+    ("org.damond1.Context", "effective_backend"): "",
     ("org.damond1.Intervals", "sample_us"): 5000,
     ("org.damond1.Intervals", "aggr_us"): 100000,
     ("org.damond1.Intervals", "update_us"): 60000000,

@@ -7,6 +7,7 @@ test_dbus_*.py. These tests cover rules a host cannot reach over the bus
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from ops_helpers import registry_with  # tests/ops_helpers.py
 
 from damond.errors import Busy, InvalidArgument, NoData, NotSupported
 from damond.hierarchy import Context, Kdamond, Node, Scheme, Target, Tree
-from damond.monitor import ops
+from damond.monitor import backends, ops
 from damond.monitor.config import (
     AccessPattern,
     ContextConfig,
@@ -36,6 +37,7 @@ class FakeMonitor:
         on_stop: Callable[[str], None],
     ) -> None:
         self.configs = [config]
+        self.pid = os.getpid()
         self.on_snapshot = on_snapshot
         self.on_stop = on_stop
         self.stopped = False
@@ -120,11 +122,15 @@ def test_on_off_commit_cycle(tree: Any) -> None:
         (
             "changed",
             "kdamonds/0/contexts/0",
-            ("context", {"effective_access_check": config.access_check}),
+            (
+                "context",
+                {"effective_access_check": config.access_check, "effective_backend": "user"},
+            ),
         ),
         ("changed", "kdamonds/0", ("kdamond", {"state": "on", "pid": os.getpid()})),
     ]
     assert ctx.get("context", "effective_access_check") == config.access_check
+    assert ctx.get("context", "effective_backend") == config.backend == "user"
     assert config.operations is ops.VADDR and config.targets[0].pid == os.getpid()
     assert config.access_check in t.registry.available_access_checks()
 
@@ -296,3 +302,112 @@ def test_stats_are_announced_at_most_once_a_second(tree: Any) -> None:
     assert announced()[-1] == {"nr_tried": 0, "sz_tried": 0}
     with pytest.raises(NoData):
         scheme.tried_regions()
+
+
+class StandIn:
+    """A kernel backend table whose answers the test sets (what the host can do is the
+    guest's to test: tests/vm/test_guest_kernel_backend.py)."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.busy = ""
+        self.offered = ["vaddr", "paddr"]
+        self.refuse: int | None = None
+        self.readied: list[str] = []
+
+    def ready(self, operations: str) -> str:
+        self.readied.append(operations)
+        if self.reason or self.busy:
+            return self.reason or self.busy
+        return "" if operations in self.offered else f"the kernel's DAMON has no {operations}"
+
+    def table(self, start: Any) -> backends.Backend:
+        def started(*args: Any) -> Any:
+            if self.refuse is not None:
+                raise ops.KernelRefused(f"kernel said {errno.errorcode[self.refuse]}", self.refuse)
+            return start(*args)
+
+        return backends.Backend(
+            backends.KERNEL,
+            uses_access_check=False,
+            probe=lambda: self.reason,
+            operations=lambda: self.offered,
+            ready=self.ready,
+            start=started,
+        )
+
+
+@pytest.fixture
+def with_kernel(tree: Any) -> tuple[Tree, list[FakeMonitor], Recorder, StandIn]:
+    t, monitors, recorder = tree
+    kernel = StandIn()
+    t._backends = backends.Backends(
+        [kernel.table(t.monitor_factory), backends.user_backend(t.registry)]
+    )
+    t.monitor_factory = kernel.table(t.monitor_factory).start
+    return t, monitors, recorder, kernel
+
+
+def test_auto_picks_the_kernel_where_it_can_run_the_context(with_kernel: Any) -> None:
+    t, monitors, recorder, kernel = with_kernel
+    kd, ctx = build(t)
+    assert ctx.get("context", "avail_backends") == ["kernel", "user"]
+    recorder.events.clear()
+    kd.set("kdamond", "state", "on")
+    config = monitors[0].configs[0]
+    assert (config.backend, config.access_check) == ("kernel", "")
+    assert recorder.events[0] == (
+        "changed",
+        "kdamonds/0/contexts/0",
+        ("context", {"effective_access_check": "", "effective_backend": "kernel"}),
+    )
+    kd.set("kdamond", "state", "off")
+    # another tool took the tree meanwhile: auto falls back, kernel is refused saying why
+    kernel.reason = "kernel DAMON sysfs in use: kdamonds/nr_kdamonds is 2"
+    assert ctx.get("context", "avail_backends") == ["user"]
+    kd.set("kdamond", "state", "on")
+    assert monitors[-1].configs[0].backend == "user"
+    kd.set("kdamond", "state", "off")
+    with pytest.raises(NotSupported, match="kernel backend: kernel DAMON sysfs in use"):
+        ctx.set("context", "backend", "kernel")
+    assert ctx.get("context", "backend") == "auto"
+
+
+def test_the_backend_is_chosen_only_once_the_context_is_known_good(with_kernel: Any) -> None:
+    t, monitors, _, kernel = with_kernel
+    kd, ctx = build(t, pid=-1)
+    ctx.set("context", "backend", "kernel")
+    with pytest.raises(InvalidArgument, match="pid -1"):
+        kd.set("kdamond", "state", "on")
+    assert kernel.readied == []  # nothing asked of the kernel (which would claim its tree)
+    with pytest.raises(InvalidArgument, match="is not one of auto, kernel, user"):
+        ctx.set("context", "backend", "kernal")
+    assert not monitors
+
+
+def test_a_kernel_refusal_changes_nothing_and_names_the_errno(with_kernel: Any) -> None:
+    t, monitors, recorder, kernel = with_kernel
+    kd, ctx = build(t)
+    ctx.set("context", "backend", "kernel")
+    refusals = {errno.EBUSY: Busy, errno.EINVAL: InvalidArgument, errno.EROFS: NotSupported}
+    for code, error in refusals.items():  # busy for now; a value it takes otherwise; not ours
+        kernel.refuse = code
+        recorder.events.clear()
+        with pytest.raises(error, match=errno.errorcode[code]):
+            kd.set("kdamond", "state", "on")
+        assert kd.get("kdamond", "state") == "off" and not recorder.events
+    assert not monitors
+
+
+def test_commit_keeps_the_backend_the_context_runs_on(with_kernel: Any) -> None:
+    t, monitors, _, kernel = with_kernel
+    kd, ctx = build(t)
+    kd.set("kdamond", "state", "on")
+    kernel.busy = f"all {8} kdamonds of damond's kernel DAMON pool are on"
+    ctx.set("intervals", "aggr_us", 200000)
+    kd.set("kdamond", "state", "commit")  # its own kdamond: no new one needed
+    assert [c.backend for c in monitors[0].configs] == ["kernel", "kernel"]
+    ctx.set("context", "backend", "user")
+    with pytest.raises(InvalidArgument, match="takes effect at the next on"):
+        kd.set("kdamond", "state", "commit")
+    assert len(monitors[0].configs) == 2

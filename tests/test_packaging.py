@@ -374,6 +374,9 @@ def test_unit_says_what_the_daemon_relies_on() -> None:
     assert unit["ProtectProc"] == ["default"]
     assert unit.get("ProcSubset", ["all"]) == ["all"]
     assert unit["RestrictAddressFamilies"] == ["AF_UNIX"]
+    # the kernel backend's claim record: writable, and kept over a crash and restart
+    assert unit["RuntimeDirectory"] == ["damond"]
+    assert unit["RuntimeDirectoryPreserve"] == ["yes"]
     assert "User" not in unit and "DynamicUser" not in unit  # root
     assert unit_settings(ACTIVATION)["SystemdService"] == ["damond.service"]
 
@@ -554,6 +557,13 @@ make install > /.damond-results/install.log 2>&1; fact install_rc $?
 fact group "$(getent group damond | cut -d: -f1)"
 fact fragment "$(show FragmentPath)"
 fact before_first_call "$(systemctl is-active damond.service)"
+# The container shares the host's kernel, whose DAMON belongs to the machine: this
+# service never gets its admin tree (tests/conftest.py keeps every test's daemon off it).
+mkdir -p /etc/systemd/system/damond.service.d
+printf '[Service]\nEnvironment=DAMOND_KERNEL_DAMON_ADMIN=off\n' \
+    > /etc/systemd/system/damond.service.d/no-kernel-damon.conf
+systemctl daemon-reload
+fact kernel_backend_env "$(show Environment)"
 
 # Bus activation: the bus hands the first call's name to systemd.
 fact nr "$(busctl get-property org.damond1 /org/damond1 org.damond1.Kdamonds nr)"
@@ -745,6 +755,10 @@ def test_make_install_on_a_systemd_machine(under_systemd: Booted) -> None:
     assert under_systemd["fragment"] == "/usr/local/lib/systemd/system/damond.service"
     assert "system bus: configuration reloaded" in under_systemd.log
     assert "systemd: daemon-reload done" in under_systemd.log
+
+
+def test_the_service_under_test_never_gets_the_hosts_kernel_damon(under_systemd: Booted) -> None:
+    assert "DAMOND_KERNEL_DAMON_ADMIN=off" in under_systemd["kernel_backend_env"]
 
 
 def test_first_call_starts_the_unit_which_reports_ready_and_status(under_systemd: Booted) -> None:

@@ -20,25 +20,38 @@ from dbus_fast.aio import MessageBus
 from damond import configfile, service
 from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
 from damond.hierarchy import Tree
-from damond.monitor import ops
+from damond.monitor import backends, ops
+from damond.monitor.backends import Backends, Monitor
 from damond.monitor.config import ContextConfig
 from damond.monitor.kdamond import KdamondTask, OpsWrapper
-from damond.monitor.ops import kernel_damon
+from damond.monitor.kernel import OFF, KernelDamon
+from damond.monitor.ops import damon_claim, damon_sysfs, damon_trace
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger("damond")
 
 SHUTDOWN_GRACE_S = 5.0
+ADMIN_ENV = "DAMOND_KERNEL_DAMON_ADMIN"
+"""The default of --kernel-damon-admin where set (the test suite points it nowhere)."""
 
 
 class Fatal(Exception):
     """A reason to exit 1, said in one line."""
 
 
-def host_support(registry: ops.Registry = ops.REGISTRY) -> str:
-    """What this host offers (for --help): each access check and operations set, and why
-    not where it cannot run (the same probes as avail_access_checks/avail_operations)."""
+def host_support(
+    registry: ops.Registry = ops.REGISTRY, kernel: KernelDamon | None = None
+) -> str:
+    """What this host offers (for --help): each backend, access check and operations set
+    (of damond's own engine), and why not where it cannot run (the probes behind
+    avail_backends, avail_access_checks and avail_operations; nothing is written, the
+    kernel's admin tree is not claimed)."""
+    kernel = kernel if kernel is not None else KernelDamon(default_admin())
+    table = Backends([backends.kernel_backend(kernel), backends.user_backend(registry)])
     lines = ["On this host (as this user):"]
+    for name in table.names:
+        reason = table.get(name).probe()
+        lines.append(f"  backend {name}: {f'no ({reason})' if reason else 'available'}")
     for kind, names in (
         ("access check", registry.access_check_names),
         ("operations", registry.operations_names),
@@ -51,6 +64,10 @@ def host_support(registry: ops.Registry = ops.REGISTRY) -> str:
         actions = ", ".join(registry.available_actions(name))
         lines.append(f"  DAMOS actions on {name}: {actions}")
     return "\n".join(lines)
+
+
+def default_admin() -> str:
+    return os.environ.get(ADMIN_ENV) or damon_sysfs.ADMIN
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,6 +119,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{configfile.DEFAULT_PATH}, when it exists)",
     )
     parser.add_argument(
+        "--kernel-damon-admin",
+        default=default_admin(),
+        metavar="DIR|off",
+        help="the kernel DAMON sysfs admin tree the kernel backend may claim (default "
+        f"{damon_sysfs.ADMIN}, or ${ADMIN_ENV}); off: no kernel backend",
+    )
+    parser.add_argument(
+        "--kernel-damon-pool",
+        type=int,
+        default=damon_claim.POOL_SIZE,
+        metavar="N",
+        help="kernel kdamonds to claim at once, the most the kernel backend runs together "
+        f"(default {damon_claim.POOL_SIZE})",
+    )
+    parser.add_argument(
+        "--tracefs",
+        default=damon_trace.TRACEFS,
+        metavar="DIR",
+        help=f"where tracefs is mounted (default {damon_trace.TRACEFS})",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=damon_claim.RUN_DIR,
+        metavar="DIR",
+        help="where the claim of the kernel's admin tree is recorded (default "
+        f"{damon_claim.RUN_DIR})",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -143,19 +188,41 @@ async def _own_name(bus: MessageBus) -> None:
 
 
 class Daemon:
-    """The tree, its running kdamonds and the bus it is served on."""
+    """The tree, its running kdamonds, the kernel backend and the bus they are served on."""
 
     def __init__(
-        self, registry: ops.Registry = ops.REGISTRY, config: Path | None = None
+        self,
+        registry: ops.Registry = ops.REGISTRY,
+        config: Path | None = None,
+        kernel: KernelDamon | None = None,
     ) -> None:
         self.config = config or configfile.DEFAULT_PATH
         self.config_asked = config is not None
         """--config was given: a missing file is an error, not 'nothing to apply'."""
         self.tasks: set[KdamondTask] = set()
         self.registry = registry
-        self.tree = Tree(self._start_kdamond, registry)
+        self.kernel = kernel if kernel is not None else KernelDamon(OFF)
+        self.backends = Backends(
+            [
+                backends.kernel_backend(self.kernel),
+                backends.user_backend(registry, self._start_kdamond),
+            ]
+        )
+        self.tree = Tree(self._start_monitor, registry, self.backends)
         self.wrap_ops: OpsWrapper | None = None
         """Set by fault injection only (damond.faults)."""
+
+    def _start_monitor(
+        self,
+        name: str,
+        config: ContextConfig,
+        on_snapshot: Callable[[Snapshot], None],
+        on_stop: Callable[[str], None],
+    ) -> Monitor:
+        """The monitor factory of the tree: the resolved backend's."""
+        start = self.backends.get(config.backend).start
+        assert start is not None
+        return start(name, config, on_snapshot, on_stop)
 
     def _start_kdamond(
         self,
@@ -171,6 +238,18 @@ class Daemon:
         task.add_done_callback(lambda: self.tasks.discard(task))
         return task
 
+    def _say_kernel_backend(self, reason: str) -> None:
+        """Log what claiming the kernel's admin tree at start-up gave."""
+        if reason:
+            log.info("kernel backend unavailable: %s", reason)
+        else:
+            log.info(
+                "kernel backend available: %s claimed (%d kdamonds; operations %s)",
+                self.kernel.admin,
+                self.kernel.claim.pool_size,
+                " ".join(self.kernel.claim.avail_operations),
+            )
+
     async def shutdown(self, reason: str) -> None:
         tasks = list(self.tasks)
         self.tree.stop_all(reason)
@@ -178,6 +257,7 @@ class Daemon:
             await asyncio.wait(
                 [asyncio.ensure_future(t.wait()) for t in tasks], timeout=SHUTDOWN_GRACE_S
             )
+        self.kernel.close()  # the kernel's admin tree back: every kdamond off, nr 0
 
     def apply_config(self) -> str:
         """Apply the configuration file (at start, on SIGHUP); the reason it was refused,
@@ -207,10 +287,18 @@ class Daemon:
             loop.add_signal_handler(signum, stop.set)
         status = service.ServiceStatus(self.tree)
         loop.add_signal_handler(signal.SIGHUP, self.reload, status)
+        try:
+            return await self._serve(stop, spec, status)
+        finally:
+            self.kernel.close()  # however serving ended (idempotent after shutdown)
+
+    async def _serve(self, stop: asyncio.Event, spec: str, status: service.ServiceStatus) -> int:
+        loop = asyncio.get_running_loop()
         bus = await _connect(spec)
         adapter = BusAdapter(bus, self.tree)
         adapter.attach()  # objects answer before the name is visible
         self.tree.listeners.append(status)
+        unclaimed = self.kernel.claim_now()  # before the file: its kdamonds may want it
         # before the name too: whoever sees org.damond1 sees the file applied
         status.config_problem = self.apply_config()
         try:
@@ -219,7 +307,8 @@ class Daemon:
             await self.shutdown("not serving: the name is not ours")
             raise
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
-        warning = kernel_damon.interference_warning()
+        self._say_kernel_backend(unclaimed)
+        warning = self.tree.interference_warning()
         if warning:
             log.warning("%s", warning)
         service.notify("READY=1")  # the file applied, the name owned, the tree exported
@@ -271,10 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is not None and not args.config.exists():
         print(f"damond: --config {args.config}: no such file", file=sys.stderr)
         return 1
-    daemon = Daemon(config=args.config)
+    fault = None
     if _faults_asked():
         from damond import faults  # test support, loaded only when asked
 
+        fault = faults.sysfs_write_fault
+    kernel = KernelDamon(
+        args.kernel_damon_admin, args.tracefs, args.run_dir, args.kernel_damon_pool, fault
+    )
+    daemon = Daemon(config=args.config, kernel=kernel)
+    if _faults_asked():
         daemon.wrap_ops = faults.wrap_ops
     try:
         return asyncio.run(daemon.serve(args.bus))

@@ -50,6 +50,8 @@ class Applied:
 class _NoMonitor:
     """The scratch tree validates `on` without starting anything."""
 
+    pid = -1
+
     def stop(self) -> None:
         pass
 
@@ -83,7 +85,7 @@ def validate(specs: list[fmt.KdamondSpec], tree: Tree) -> None:
     def no_monitor(*_: object) -> Monitor:
         return _NoMonitor()
 
-    scratch = Tree(no_monitor, tree.registry)
+    scratch = Tree(no_monitor, tree.registry, tree.backends)
     for step in fmt.build(specs):
         if isinstance(step, fmt.Write):
             _node(scratch, step.path).set(step.group, step.name, step.value)

@@ -12,16 +12,18 @@ any transport can serve the tree.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from damond.errors import Busy, InvalidArgument, NoData, NotSupported
-from damond.monitor import ops
+from damond.errors import Busy, DamondError, InvalidArgument, NoData, NotSupported
+from damond.monitor import backends, ops
+from damond.monitor.backends import Monitor, MonitorFactory
 from damond.monitor.config import (
     ACTIONS,
     FILTER_TYPES,
@@ -150,18 +152,7 @@ def nr_of(collection: str, check: Callable[[Any, int], None] | None = None) -> A
     return Attribute("nr", "u32", lambda node: len(node.collection(collection).items), write)
 
 
-class Monitor(Protocol):
-    """A running kdamond's monitor, as hierarchy.py drives it (monitor/kdamond.py)."""
-
-    def stop(self) -> None: ...
-
-    def commit(self, config: ContextConfig) -> None: ...
-
-
-MonitorFactory = Callable[
-    [str, ContextConfig, Callable[[Snapshot], None], Callable[[str], None]], Monitor
-]
-"""(kdamond name, config, on_snapshot, on_stop(reason)) → a started Monitor."""
+__all__ = ["Monitor", "MonitorFactory"]  # the backends' interface, as the tree drives it
 
 
 class TreeListener(Protocol):
@@ -528,8 +519,23 @@ def _check_operations(context: Context, value: str) -> None:
             context.path,
             f"operations {_shown(value)} is not one of {', '.join(registry.operations_names)}",
         )
-    if value not in registry.available_operations():
-        raise NotSupported(context.path, registry.why_unavailable(value))
+    if value not in _available_operations(context):
+        raise NotSupported(context.path, context.tree.backends.why_not_offered(value))
+
+
+def _available_operations(context: Context) -> list[str]:
+    """What some available backend runs: the user backend's access checks, or the kernel's."""
+    return context.tree.backends.available_operations(context.tree.registry.operations_names)
+
+
+def _check_backend(context: Context, value: str) -> None:
+    known = (backends.AUTO, *context.tree.backends.names)
+    if value not in known:
+        raise InvalidArgument(
+            context.path, f"backend {_shown(value)} is not one of {', '.join(known)}"
+        )
+    if value != backends.AUTO and value not in context.tree.backends.available():
+        raise NotSupported(context.path, context.tree.backends.why_unavailable(value))
 
 
 def _check_access_check(context: Context, value: str) -> None:
@@ -543,19 +549,31 @@ def _check_access_check(context: Context, value: str) -> None:
         raise NotSupported(context.path, registry.why_unavailable(value))
 
 
-def _effective_access_check(context: Context) -> str:
+def _running_config(context: Context) -> ContextConfig | None:
     kdamond = context.kdamond()
-    config = kdamond.running_config if kdamond is not None else None
+    return kdamond.running_config if kdamond is not None else None
+
+
+def _effective_access_check(context: Context) -> str:
+    config = _running_config(context)
     return config.access_check if config is not None else ""
+
+
+def _effective_backend(context: Context) -> str:
+    config = _running_config(context)
+    return config.backend if config is not None else ""
+
+
+EFFECTIVE = {"effective_access_check": _effective_access_check}
+EFFECTIVE["effective_backend"] = _effective_backend
+"""The read-only files that say what `auto` resolved to while on: announced with the state."""
 
 
 class Context(Node):
     GROUPS = {
         "context": (
             stored("operations", "str", ops.VADDR.name, check=_check_operations),
-            computed(
-                "avail_operations", "strlist", lambda c: c.tree.registry.available_operations()
-            ),
+            computed("avail_operations", "strlist", _available_operations),
             stored("access_check", "str", ops.AUTO, check=_check_access_check),
             computed(
                 "avail_access_checks",
@@ -563,6 +581,9 @@ class Context(Node):
                 lambda c: c.tree.registry.available_access_checks(),
             ),
             computed("effective_access_check", "str", _effective_access_check),
+            stored("backend", "str", backends.AUTO, check=_check_backend),
+            computed("avail_backends", "strlist", lambda c: c.tree.backends.available()),
+            computed("effective_backend", "str", _effective_backend),
         ),
         "intervals": (
             stored("sample_us", "u64", DEFAULT_ATTRS.sample_us),
@@ -580,6 +601,7 @@ class Context(Node):
 
     operations: str
     access_check: str
+    backend: str
     sample_us: int
     aggr_us: int
     update_us: int
@@ -607,12 +629,15 @@ class Context(Node):
             raise NoData(self.path, "no snapshot yet: the context has not completed an aggregation")
         return self.latest
 
-    def config(self) -> ContextConfig:
-        """Validate this context for `on`/`commit` and freeze it for the engine.
+    def config(self, running: ContextConfig | None = None) -> ContextConfig:
+        """Validate this context for `on` (or `commit` of running) and freeze it for the monitor.
 
         The attributes first (the core's rules), then what this host can
-        run (operations, access check, each scheme's action and filters), then
-        the targets and schemes (the core's rules and the operations set's).
+        run (operations, each scheme's action and filters), then the targets
+        and schemes (the core's rules and the operations set's), then the
+        backend that runs it (which may claim the kernel's admin tree: only
+        once everything else is known good) and, for damond's own engine, the
+        access check.
         """
         attrs = Attrs(
             sample_us=self.sample_us,
@@ -623,15 +648,9 @@ class Context(Node):
         )
         self._checked(attrs.validate)
         registry = self.tree.registry
-        if self.operations not in registry.available_operations():
-            raise NotSupported(self.path, registry.why_unavailable(self.operations))
+        if self.operations not in _available_operations(self):
+            raise NotSupported(self.path, self.tree.backends.why_not_offered(self.operations))
         operations = registry.operations(self.operations)
-        try:
-            access_check = registry.resolve_access_check(self.access_check, operations.name)
-        except ops.Unsupported as e:
-            raise NotSupported(self.path, str(e)) from None
-        except ValueError as e:
-            raise InvalidArgument(self.path, str(e)) from None
         targets = tuple(
             TargetConfig(
                 index=i,
@@ -649,14 +668,39 @@ class Context(Node):
                 why = registry.why_filter_unavailable(f.type, operations.name)
                 if why:
                     raise NotSupported(filter_node.path, why)
-        config = ContextConfig(operations, access_check, attrs, targets, schemes)
+        config = ContextConfig(operations, "", attrs, targets, schemes)
         self._checked(config.validate)
         if operations.target_has_pid:
             for target, tc in zip(self.targets.items, targets, strict=True):
                 problem = process_problem(tc.pid)
                 if problem:
                     raise InvalidArgument(target.path, problem)
-        return config
+        try:
+            backend = self._backend(operations.name, running)
+            access_check = (
+                registry.resolve_access_check(self.access_check, operations.name)
+                if backend.uses_access_check
+                else ""
+            )
+        except ops.Unsupported as e:
+            raise NotSupported(self.path, str(e)) from None
+        except ValueError as e:
+            raise InvalidArgument(self.path, str(e)) from None
+        return dataclasses.replace(config, access_check=access_check, backend=backend.name)
+
+    def _backend(self, operations: str, running: ContextConfig | None) -> backends.Backend:
+        """The backend to run on: resolved at `on`; at `commit`, the one running."""
+        if running is None:
+            return self.tree.backends.resolve(self.backend, operations)
+        backend = self.tree.backends.get(running.backend)
+        if self.backend not in (backends.AUTO, backend.name):
+            raise ValueError(
+                f"backend {self.backend} takes effect at the next on: this context runs on "
+                f"{backend.name}"
+            )
+        if operations not in backend.operations():
+            raise ops.Unsupported(f"{backend.name} backend: {operations} is not available")
+        return backend
 
     def _checked(self, validate: Callable[[], Any]) -> None:
         """Run one of the core's validations, its error named after this tree's object."""
@@ -698,7 +742,7 @@ class Kdamond(Node):
                 _write_state,
                 announces=True,
             ),
-            computed("pid", "i32", lambda k: os.getpid() if k.running else -1),
+            computed("pid", "i32", lambda k: k.monitor.pid if k.monitor is not None else -1),
         ),
         "contexts": (nr_of("contexts", _check_contexts_nr),),
     }
@@ -726,9 +770,9 @@ class Kdamond(Node):
         return self.contexts.items[0]
 
     def check(self) -> ContextConfig:
-        """Validate this kdamond for `on` or `commit` (its one context, frozen), changing
-        nothing; InvalidArgument/NotSupported name the object and rule."""
-        return self._context().config()
+        """Validate this kdamond for `on` or, while on, `commit` (its one context, frozen),
+        changing nothing; InvalidArgument/NotSupported name the object and rule."""
+        return self._context().config(self.running_config)
 
     def turn_on(self) -> None:
         if self.running:
@@ -746,30 +790,35 @@ class Kdamond(Node):
             if self.monitor is monitor:
                 self.turn_off(reason)
 
-        monitor = self.tree.monitor_factory(self.name, config, on_snapshot, on_stop)
+        try:
+            monitor = self.tree.monitor_factory(self.name, config, on_snapshot, on_stop)
+        except ops.KernelRefused as e:  # the kernel's own DAMON said no; it is left off
+            raise _kernel_error(e.errno)(self.path, str(e)) from None
         self.monitor = monitor
         self.running_config = config
         context.latest = None
         context.publish_schemes(None, force=True)
         log.info(
-            "%s on: %s/%s, %d target(s) %s",
+            "%s on: %s/%s, %d target(s) %s (%s backend)",
             self.path,
             config.operations.name,
-            config.access_check,
+            config.access_check or config.backend,  # who samples, as STATUS= says it
             len(config.targets),
             [t.pid for t in config.targets],
+            config.backend,
             extra={
                 "KDAMOND": self.name,
+                "BACKEND": config.backend,
                 "OPERATIONS": config.operations.name,
                 "ACCESS_CHECK": config.access_check,
                 "TARGET_PID": ",".join(str(t.pid) for t in config.targets),
             },
         )
-        warning = kernel_damon.interference_warning()
+        warning = self.tree.interference_warning()
         if warning:
             log.warning("%s: %s", self.path, warning, extra={"KDAMOND": self.name})
         self._announce_effective(context)
-        self.tree.emit_changed(self, "kdamond", {"state": STATE_ON, "pid": os.getpid()})
+        self.tree.emit_changed(self, "kdamond", {"state": STATE_ON, "pid": monitor.pid})
 
     def turn_off(self, reason: str) -> None:
         """Stop monitoring (idempotent); reason goes to the log."""
@@ -789,7 +838,7 @@ class Kdamond(Node):
         """The effective_* files change with the state: say so as for any file, before
         the state itself, so that whoever reacts to the state reads them changed."""
         self.tree.emit_changed(
-            context, "context", {"effective_access_check": _effective_access_check(context)}
+            context, "context", {name: effective(context) for name, effective in EFFECTIVE.items()}
         )
 
     def commit(self) -> None:
@@ -799,6 +848,23 @@ class Kdamond(Node):
         self.monitor.commit(config)
         self.running_config = config
         log.info("%s commit", self.path, extra={"KDAMOND": self.name})
+
+
+KERNEL_ERRORS: dict[int, type[DamondError]] = {
+    errno.EBUSY: Busy,
+    errno.EAGAIN: Busy,
+    errno.ENOMEM: Busy,
+    errno.EINVAL: InvalidArgument,
+    errno.ERANGE: InvalidArgument,
+    errno.ESRCH: InvalidArgument,
+}
+"""The contract's error for what the kernel answered a write damond's rules allowed:
+busy or out of memory for now; a value it refuses; anything else (EACCES, EROFS,
+ENOENT: the tree is not damond's to write) NotSupported."""
+
+
+def _kernel_error(code: int) -> type[DamondError]:
+    return KERNEL_ERRORS.get(code, NotSupported)
 
 
 def _check_no_kdamond_runs(root: Kdamonds, nr: int) -> None:
@@ -822,12 +888,30 @@ class Tree:
     """The whole admin tree, with its listeners, the monitor factory and the ops tables."""
 
     def __init__(
-        self, monitor_factory: MonitorFactory, registry: ops.Registry = ops.REGISTRY
+        self,
+        monitor_factory: MonitorFactory,
+        registry: ops.Registry = ops.REGISTRY,
+        backends_: backends.Backends | None = None,
     ) -> None:
         self.monitor_factory = monitor_factory
         self.registry = registry
+        self._backends = backends_
         self.listeners: list[TreeListener] = []
         self.root = Kdamonds(self)
+
+    @property
+    def backends(self) -> backends.Backends:
+        """Who may run a context here (monitor/backends.py): by default the user backend
+        alone, over the registry the tree has now."""
+        if self._backends is not None:
+            return self._backends
+        return backends.user_only(self.registry)
+
+    def interference_warning(self) -> str | None:
+        """A warning when a kernel kdamond runs that is not damond's own (read-only look)."""
+        if self.backends.own_host_damon():
+            return None  # damond claimed the machine's admin tree: its kdamonds are damond's
+        return kernel_damon.interference_warning()
 
     def lookup(self, path: str) -> Node | None:
         """The node at a relative path such as ``kdamonds/0/contexts/0``."""

@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 from damond.hierarchy import Context, Kdamond, Node, Tree
-from damond.monitor.ops import kernel_damon
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def stderr_is_journal() -> bool:
 def setup_logging(level: str) -> None:
     """Journal with structured fields under systemd; plain stderr lines otherwise.
 
-    Fields come from ``extra=``: KDAMOND, TARGET_PID, OPERATIONS, ACCESS_CHECK.
+    Fields come from ``extra=``: KDAMOND, TARGET_PID, BACKEND, OPERATIONS, ACCESS_CHECK.
     """
     handler: logging.Handler
     if _sd_journal is not None and stderr_is_journal():
@@ -101,7 +100,7 @@ class ServiceStatus:
         text = self._describe_kdamonds()
         if self.config_problem:
             text += f"; configuration refused: {self.config_problem}"
-        if kernel_damon.running_kdamonds():
+        if self.tree.interference_warning():
             text += "; warning: the kernel's own DAMON is running (see the log)"
         return text
 
@@ -114,8 +113,9 @@ class ServiceStatus:
             config = kdamond.running_config
             assert config is not None
             regions = self._regions.get(kdamond.child_path("contexts", 0))
+            # who samples: damond's access check, or the kernel's DAMON ("vaddr/kernel")
             parts.append(
-                f"{kdamond.path} {config.operations.name}/{config.access_check} "
+                f"{kdamond.path} {config.operations.name}/{config.access_check or config.backend} "
                 f"{len(config.targets)} target(s)"
                 + (f" {regions} regions" if regions is not None else "")
             )

@@ -92,6 +92,9 @@ the kdamond has stalled (its stacks are in the daemon's log after the phase)."""
 WORKLOAD_PAUSE_MS = 5.0
 """The workload's pause between passes: it leaves the one vCPU to the monitor part of
 the time, and still writes each hot page every few milliseconds."""
+USER_BACKEND_ONLY = ("--kernel-damon-admin", "off")
+"""The scenarios compare damond's own engine with the kernel's DAMON, which they drive
+themselves (kernel_damon.py): the daemon must leave the kernel's admin tree alone."""
 DAEMON_START_TIMEOUT = 120.0
 """Guest Python imports numpy, dbus-fast and damond over 9p under TCG: seconds."""
 
@@ -449,14 +452,14 @@ class Daemon:
     """Its threads' states when it did not stop on SIGTERM (see threads_report)."""
 
     @classmethod
-    async def start(cls, workdir: Path) -> Daemon:
+    async def start(cls, workdir: Path, args: Sequence[str] = USER_BACKEND_ONLY) -> Daemon:
         from damond.tools import client
         from damond.tools.privatebus import spawn_daemon, start_private_bus, wait_for_name
 
         bus = start_private_bus()
         log_path = workdir / "damond.log"
         # faulthandler: a SIGABRT (sent when it does not stop) dumps every thread's stack
-        process = spawn_daemon(bus.address, log_path, env={"PYTHONFAULTHANDLER": "1"})
+        process = spawn_daemon(bus.address, log_path, *args, env={"PYTHONFAULTHANDLER": "1"})
         conn = await client.connect(bus.address)
         daemon = cls(bus, process, conn, log_path)
         try:
@@ -593,10 +596,12 @@ def threads_report(pid: int) -> list[dict[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(workdir: Path, record: dict[str, Any]) -> AsyncIterator[Daemon]:
+async def running_daemon(
+    workdir: Path, record: dict[str, Any], args: Sequence[str] = USER_BACKEND_ONLY
+) -> AsyncIterator[Daemon]:
     """damond for one phase; its exit code, log tail and any traceback land in record."""
     t0 = time.monotonic()
-    daemon = await Daemon.start(workdir)
+    daemon = await Daemon.start(workdir, args)
     record["daemon_start_seconds"] = round(time.monotonic() - t0, 2)
     try:
         yield daemon

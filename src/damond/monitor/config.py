@@ -275,7 +275,7 @@ class SchemeConfig:
 
 @dataclass(frozen=True)
 class ContextConfig:
-    """What one context monitors and how: operations, access check, attrs, targets."""
+    """What one context monitors and how: operations, access check, attrs, targets, backend."""
 
     operations: Operations
     """The operations set's table (monitor/ops): its rules and its address space."""
@@ -285,6 +285,9 @@ class ContextConfig:
     targets: tuple[TargetConfig, ...]
     schemes: tuple[SchemeConfig, ...] = ()
     """DAMOS schemes, applied in order at each of their apply intervals."""
+    backend: str = "user"
+    """Resolved name of the backend that runs it (never ``auto``): damond's own engine
+    (``user``) or the kernel's DAMON (``kernel``); see monitor/backends.py."""
 
     def validate(self) -> ContextConfig:
         """Every rule a context must obey before an engine takes it; returns self.

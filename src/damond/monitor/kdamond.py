@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,11 @@ class KdamondTask:
         """End the loop; the worker finishes its current sample and closes the engine."""
         self._stopping.set()
         self._task.cancel()
+
+    @property
+    def pid(self) -> int:
+        """Who samples: the daemon itself (its worker thread)."""
+        return os.getpid()
 
     def commit(self, config: ContextConfig) -> None:
         """Hand a new config to the engine, which applies it at the next aggregation."""

@@ -109,19 +109,22 @@ async def set_property(
     await call(bus, path, PROPERTIES, "Set", "ssv", [interface, name, Variant(signature, value)])
 
 
-async def start_kdamonds(bus: MessageBus, pids: list[int], **attrs: int) -> None:
+async def start_kdamonds(
+    bus: MessageBus, pids: list[int], backend: str = "auto", **attrs: int
+) -> None:
     """Kdamond k monitors pids[k] (vaddr, one context, one target); then all turn on.
 
     attrs are the context's Intervals (sample_us, aggr_us, update_us) and
-    NrRegions (min, max) to set, by property name. Every kdamond is configured
-    before the first starts, so none samples while the others are still being
-    set up.
+    NrRegions (min, max) to set, by property name; backend the context's
+    backend. Every kdamond is configured before the first starts, so none
+    samples while the others are still being set up.
     """
     await set_property(bus, ROOT, "org.damond1.Kdamonds", "nr", "u", len(pids))
     for k, pid in enumerate(pids):
         kdamond = f"{ROOT}/kdamonds/{k}"
         context = f"{kdamond}/contexts/0"
         await set_property(bus, kdamond, "org.damond1.Contexts", "nr", "u", 1)
+        await set_property(bus, context, "org.damond1.Context", "backend", "s", backend)
         await set_property(bus, context, "org.damond1.Targets", "nr", "u", 1)
         await set_property(bus, f"{context}/targets/0", "org.damond1.Target", "pid", "i", pid)
         for name, value in attrs.items():

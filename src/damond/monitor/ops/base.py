@@ -34,6 +34,14 @@ class Unsupported(Exception):
     """This host's kernel cannot provide an operations set or access check."""
 
 
+class KernelRefused(Exception):
+    """The kernel refused a request damond's own rules allowed; ``errno`` is its answer."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class AddressSpace(Protocol):
     """Where a target's memory is: the ranges regions must cover."""
 
