@@ -541,8 +541,7 @@ def sample_path(native: bool | None) -> SamplePath:
 # --- the access check -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Prepared:
+class Prepared(NamedTuple):
     """What prepare() marked for one target, for check() to read back."""
 
     pid: int
@@ -602,9 +601,10 @@ class PageIdleAccess(ProcessHolder):
             self._heads.clear()
         heads = np.empty(len(addrs), dtype=np.uint64)
         if target.pid < 0:
-            self._prepare_through(-1, addrs, heads)
+            self._prepare_through(None, addrs, heads)
         else:
-            self._prepare_virtual(self.processes.live(target.pid), addrs, heads)
+            # not live(): a pagemap that reads nothing says the same, one poll less a sample
+            self._prepare_virtual(self.processes.get(target.pid), addrs, heads)
         self._prepared[target.index] = Prepared(target.pid, addrs, heads)
 
     def check(self, target: TargetConfig, addrs: np.ndarray) -> np.ndarray:
@@ -642,35 +642,35 @@ class PageIdleAccess(ProcessHolder):
         A pagemap fd holds the address space it was opened on: after the
         target's execve it reads nothing, so it is opened again once.
         """
-        read = self._prepare_of(proc, addrs, heads)
+        read = self._prepare_through(proc, addrs, heads)
         if not read and len(addrs):
             if not proc.alive():
                 raise TargetGone(proc.pid)
             reopen(proc, "pagemap")
-            read = self._prepare_of(proc, addrs, heads)
+            read = self._prepare_through(proc, addrs, heads)
         if read == PFN_HIDDEN:
             raise pfns_hidden()
 
-    def _prepare_of(self, proc: TargetProcess, addrs: np.ndarray, heads: np.ndarray) -> int:
+    def _prepare_through(
+        self, proc: TargetProcess | None, addrs: np.ndarray, heads: np.ndarray
+    ) -> int:
+        """One sample path call: through proc's pagemap, or of physical addresses (None)."""
         try:
-            return self._prepare_through(proc.fd("pagemap"), addrs, heads)
+            return self.path.prepare(
+                addrs,
+                heads,
+                proc.fd("pagemap") if proc is not None else -1,
+                self._kpageflags,
+                self._bitmap,
+                self._heads.spans,
+                PAGEMAP_GAP,
+                KPAGEFLAGS_GAP,
+                BITMAP_WRITE_GAP,
+            )
         except OSError as e:
-            if e.errno in (errno.ESRCH, errno.ENOENT):
+            if proc is not None and e.errno in (errno.ESRCH, errno.ENOENT):
                 raise TargetGone(proc.pid) from e
             raise
-
-    def _prepare_through(self, pagemap: int, addrs: np.ndarray, heads: np.ndarray) -> int:
-        return self.path.prepare(
-            addrs,
-            heads,
-            pagemap,
-            self._kpageflags,
-            self._bitmap,
-            self._heads.spans,
-            PAGEMAP_GAP,
-            KPAGEFLAGS_GAP,
-            BITMAP_WRITE_GAP,
-        )
 
 
 def reopen(proc: TargetProcess, name: str) -> None:
