@@ -63,6 +63,9 @@ class Attribute:
     default: Any = None
     announces: bool = False
     """The write emits PropertiesChanged itself (state: on/off change more than one file)."""
+    emits_changed: bool = True
+    """False for a file that changes with every aggregation: no PropertiesChanged is
+    sent for it (introspection says so), clients read it when they need it."""
 
     @property
     def writable(self) -> bool:
@@ -96,9 +99,11 @@ def stored(
     return Attribute(name, kind, lambda node: getattr(node, attr), write, attr, default)
 
 
-def computed(name: str, kind: str, read: Callable[[Any], Any]) -> Attribute:
+def computed(
+    name: str, kind: str, read: Callable[[Any], Any], emits_changed: bool = True
+) -> Attribute:
     """A read-only file computed from the node."""
-    return Attribute(name, kind, read)
+    return Attribute(name, kind, read, emits_changed=emits_changed)
 
 
 def nr_of(collection: str, check: Callable[[Any, int], None] | None = None) -> Attribute:
@@ -313,6 +318,11 @@ def _effective_access_check(context: Context) -> str:
     return config.access_check if config is not None else ""
 
 
+def _latest_pace(field: str) -> Callable[[Context], int]:
+    """An effective interval of the latest snapshot (0 before the first after on)."""
+    return lambda context: getattr(context.latest, field) if context.latest is not None else 0
+
+
 class Context(Node):
     GROUPS = {
         "context": (
@@ -327,6 +337,11 @@ class Context(Node):
                 lambda c: c.tree.registry.available_access_checks(),
             ),
             computed("effective_access_check", "str", _effective_access_check),
+            stored("cpu_limit_pct", "u32", DEFAULT_ATTRS.cpu_limit_pct),
+            computed(
+                "effective_sample_us", "u64", _latest_pace("effective_sample_us"), False
+            ),
+            computed("effective_aggr_us", "u64", _latest_pace("effective_aggr_us"), False),
         ),
         "intervals": (
             stored("sample_us", "u64", DEFAULT_ATTRS.sample_us),
@@ -347,6 +362,7 @@ class Context(Node):
     update_us: int
     min_nr_regions: int
     max_nr_regions: int
+    cpu_limit_pct: int
 
     def __init__(self, tree: Tree, path: str, parent: Node) -> None:
         super().__init__(tree, path, parent)
@@ -373,6 +389,7 @@ class Context(Node):
             update_us=self.update_us,
             min_nr_regions=self.min_nr_regions,
             max_nr_regions=self.max_nr_regions,
+            cpu_limit_pct=self.cpu_limit_pct,
         )
         self._checked(attrs.validate)
         registry = self.tree.registry

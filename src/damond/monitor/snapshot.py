@@ -44,6 +44,11 @@ class Snapshot:
     max_nr_accesses: int
     """The number of samples in the aggregation."""
     targets: tuple[TargetSnapshot, ...]
+    effective_sample_us: int = 0
+    """The wall time between two of its samples, really (0: not measured)."""
+    effective_aggr_us: int = 0
+    """The wall time the aggregation really took (0: not measured). Neither is on
+    the wire: the Context's effective_* properties say them."""
 
     def as_dbus(self) -> list:
         """(t t u a(uia(ttuu))): the wire shape of Snapshot and GetSnapshot."""
