@@ -68,6 +68,11 @@ async def test_seed_walkthrough_with_busctl(
     while "effective_access_check" not in announced:
         announced = (await context_changes.next()).body[1]
     assert f's "{announced["effective_access_check"].value}"' == effective
+    # and what one of its answers stands for, said plainly: this host's auto is clear_refs
+    granularity = {"page_idle": "page", "soft_dirty": "page-writes", "clear_refs": "mapping"}
+    said = damond.busctl(*context, "access_granularity").stdout.strip()
+    assert said == f's "{granularity[avail["data"][0]]}"', said
+    assert announced["access_granularity"].value == granularity[avail["data"][0]]
 
     bodies = [(await snapshots.next(timeout=10)).body for _ in range(12)]
     seqs = [body[0] for body in bodies]
@@ -91,6 +96,7 @@ async def test_seed_walkthrough_with_busctl(
     assert damond.busctl(*get, "state").stdout.strip() == 's "off"'
     assert damond.busctl(*get, "pid").stdout.strip() == "i -1"
     assert damond.busctl(*context, "effective_access_check").stdout.strip() == 's ""'
+    assert damond.busctl(*context, "access_granularity").stdout.strip() == 's ""'
 
 
 async def configure_and_start(d: Damond, pid: int, **attrs: int) -> None:

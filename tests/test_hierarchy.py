@@ -109,15 +109,23 @@ def test_on_off_commit_cycle(tree: Any) -> None:
     kd.set("kdamond", "state", "on")
     assert kd.get("kdamond", "state") == "on" and kd.get("kdamond", "pid") == os.getpid()
     config = monitors[0].configs[0]
+    granularity = t.registry.access_check(config.access_check).granularity
     assert recorder.events == [
         (
             "changed",
             "kdamonds/0/contexts/0",
-            ("context", {"effective_access_check": config.access_check}),
+            (
+                "context",
+                {
+                    "effective_access_check": config.access_check,
+                    "access_granularity": granularity,
+                },
+            ),
         ),
         ("changed", "kdamonds/0", ("kdamond", {"state": "on", "pid": os.getpid()})),
     ]
     assert ctx.get("context", "effective_access_check") == config.access_check
+    assert ctx.get("context", "access_granularity") in ("page", "page-writes", "mapping")
     assert config.operations is ops.VADDR and config.targets[0].pid == os.getpid()
     assert config.access_check in t.registry.available_access_checks()
 

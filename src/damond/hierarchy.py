@@ -318,6 +318,12 @@ def _effective_access_check(context: Context) -> str:
     return config.access_check if config is not None else ""
 
 
+def _access_granularity(context: Context) -> str:
+    """What one answer of the running access check stands for ('' while off)."""
+    name = _effective_access_check(context)
+    return context.tree.registry.access_check(name).granularity if name else ""
+
+
 def _latest_pace(field: str) -> Callable[[Context], int]:
     """An effective interval of the latest snapshot (0 before the first after on)."""
     return lambda context: getattr(context.latest, field) if context.latest is not None else 0
@@ -337,6 +343,7 @@ class Context(Node):
                 lambda c: c.tree.registry.available_access_checks(),
             ),
             computed("effective_access_check", "str", _effective_access_check),
+            computed("access_granularity", "str", _access_granularity),
             stored("cpu_limit_pct", "u32", DEFAULT_ATTRS.cpu_limit_pct),
             computed(
                 "effective_sample_us", "u64", _latest_pace("effective_sample_us"), False
@@ -541,7 +548,12 @@ class Kdamond(Node):
         """The effective_* files change with the state: say so as for any file, before
         the state itself, so that whoever reacts to the state reads them changed."""
         self.tree.emit_changed(
-            context, "context", {"effective_access_check": _effective_access_check(context)}
+            context,
+            "context",
+            {
+                "effective_access_check": _effective_access_check(context),
+                "access_granularity": _access_granularity(context),
+            },
         )
 
     def commit(self) -> None:
