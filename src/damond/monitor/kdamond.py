@@ -186,14 +186,15 @@ class KdamondTask:
     def _say_pace(self, found: Effective, config: ContextConfig, behind: bool) -> None:
         attrs = config.attrs
         pace = (
-            f"a sample every {found.sample_us / 1000:g} ms (asked {attrs.sample_us / 1000:g}), "
-            f"an aggregation every {found.aggr_us / 1000:g} ms (asked {attrs.aggr_us / 1000:g})"
+            f"a sample every {found.sample_us / 1000:.1f} ms (asked "
+            f"{attrs.sample_us / 1000:g} ms), an aggregation every {found.aggr_us / 1000:.0f} ms "
+            f"(asked {attrs.aggr_us / 1000:g} ms)"
         )
         extra = {"KDAMOND": self.name, "ACCESS_CHECK": config.access_check}
         if not behind:
             log.info("kdamond %s keeps up again: %s", self.name, pace, extra=extra)
             return
-        why = f"a {config.access_check} sample costs {found.cpu_us_per_sample / 1000:g} ms of CPU"
+        why = f"a {config.access_check} sample costs {found.cpu_us_per_sample / 1000:.1f} ms of CPU"
         if found.stretched:
             why += (
                 f", and cpu_limit_pct {attrs.cpu_limit_pct} stretches the interval to keep "

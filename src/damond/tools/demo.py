@@ -47,15 +47,25 @@ STOP_TIMEOUT_S = 5.0
 PRINT_PERIOD_S = 1.0
 """Without a tty, a compact block is printed this often."""
 QUIET_WARNING_S = 3.0
+FIRST_SNAPSHOT_TIMEOUT_S = 30.0
+EFFECTIVE = ("effective_sample_us", "effective_aggr_us")
+PACE_REFRESH_S = 2.0
+"""effective_aggr_us is read again this often (it is not announced: it changes with every
+aggregation)."""
 
 GRANULARITY = {
-    "clear_refs": (
-        "per mapping: each sample clears the referenced bits and reads smaps, so a "
-        "region's sampled page counts as accessed with its mapping's Referenced fraction "
-        "(hot and cold parts of one mapping look alike)"
+    "mapping": (
+        "per mapping: each sample clears the referenced bits and reads smaps; a mapping "
+        "whose share f of pages was referenced counts as accessed, all its sampled pages "
+        "at once, in a share f of the samples (hot and cold parts of one mapping look alike)"
     ),
-    "page_idle": "per page: each sampled page's own idle bit says whether it was accessed",
+    "page-writes": (
+        "writes per page (each sampled page's soft-dirty bit), reads per mapping (smaps' "
+        "Referenced, less the written pages)"
+    ),
+    "page": "per page: each sampled page's own idle bit says whether it was accessed",
 }
+"""What the access check's answers stand for, by the context's access_granularity."""
 
 
 class DemoError(Exception):
@@ -255,10 +265,34 @@ async def describe_access_check(bus: MessageBus) -> str:
     asked = await get_property(bus, CONTEXT, "org.damond1.Context", "access_check")
     avail = await get_property(bus, CONTEXT, "org.damond1.Context", "avail_access_checks")
     check = str(await get_property(bus, CONTEXT, "org.damond1.Context", "effective_access_check"))
+    granularity = await get_property(bus, CONTEXT, "org.damond1.Context", "access_granularity")
     shown = check if check == asked else f"{asked} -> {check}"
     print(f"access_check {shown} (available: {', '.join(avail) or 'none'})")
-    print(f"  {GRANULARITY.get(check, 'granularity unknown to this demo')}")
+    print(f"  granularity {granularity}: {GRANULARITY.get(granularity, 'unknown to this demo')}")
     return check
+
+
+async def describe_pace(bus: MessageBus, feed: Feed) -> int:
+    """After the first Snapshot: the intervals asked and those sampling really has (with the
+    CPU ceiling that may stretch them); returns effective_aggr_us."""
+    try:
+        await asyncio.wait_for(feed.arrived.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
+    except TimeoutError:
+        raise DemoError(f"no Snapshot within {FIRST_SNAPSHOT_TIMEOUT_S:g} s") from None
+    asked = [
+        await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
+        for n in ("sample_us", "aggr_us")
+    ]
+    real = [await get_property(bus, CONTEXT, "org.damond1.Context", n) for n in EFFECTIVE]
+    limit = await get_property(bus, CONTEXT, "org.damond1.Context", "cpu_limit_pct")
+    print(
+        f"sampling every {real[0] / 1000:.1f} ms (asked {asked[0] / 1000:g} ms), "
+        f"a Snapshot every {real[1] / 1000:.0f} ms (asked {asked[1] / 1000:g} ms); "
+        + (f"cpu_limit_pct {limit} % of one CPU" if limit else "no CPU ceiling")
+    )
+    if real[1] > 1.2 * asked[1]:
+        print("  sampling is slower than asked: the times below use the real interval")
+    return int(real[1])
 
 
 class Feed:
@@ -302,13 +336,14 @@ class Screen:
             sys.stdout.write("\n".join(["", self.title, *lines]) + "\n")
         sys.stdout.flush()
 
-    def picture(self, body: list[Any], marks: Marks, check: str) -> list[str]:
+    def picture(self, body: list[Any], marks: Marks, check: str, aggr_us: int) -> list[str]:
         size = shutil.get_terminal_size((100, 40))
         if self.tty:
             return render(
                 body,
                 marks,
                 access_check=check,
+                aggr_us=aggr_us,
                 max_lines=size.lines - 2,
                 width=size.columns,
                 style=Style(color=True, ascii_only=not _utf8()),
@@ -317,6 +352,7 @@ class Screen:
             body,
             marks,
             access_check=check,
+            aggr_us=aggr_us,
             max_lines=16,
             width=100,
             style=Style(ascii_only=not _utf8()),
@@ -328,11 +364,13 @@ def _utf8() -> bool:
 
 
 async def watch(
+    bus: MessageBus,
     feed: Feed,
     marks: Marks,
     check: str,
     seconds: float | None,
     children: dict[str, asyncio.subprocess.Process],
+    aggr_us: int,
 ) -> None:
     """Draw snapshots until the time is up; a child that exits ends the demo."""
     loop = asyncio.get_running_loop()
@@ -344,6 +382,7 @@ async def watch(
         sys.stdout.write("\x1b[2J")
     next_print = begin
     last_seen = begin
+    next_pace = begin + PACE_REFRESH_S
     while end is None or loop.time() < end:
         for name, process in children.items():
             if process.returncode is not None:
@@ -356,12 +395,15 @@ async def watch(
         if feed.arrived.is_set():
             feed.arrived.clear()
             last_seen = now
+            if now >= next_pace:
+                aggr_us = await get_property(bus, CONTEXT, "org.damond1.Context", EFFECTIVE[1])
+                next_pace = now + PACE_REFRESH_S
         elif now - last_seen > QUIET_WARNING_S and now >= next_print:
             print(f"no Snapshot for {now - last_seen:.0f} s", file=sys.stderr)
             next_print = now + PRINT_PERIOD_S
             continue
         if feed.latest is not None and (screen.tty or now >= next_print):
-            screen.draw(screen.picture(feed.latest, marks, check))
+            screen.draw(screen.picture(feed.latest, marks, check, aggr_us))
             next_print = now + PRINT_PERIOD_S
 
 
@@ -430,14 +472,10 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
     kpid = await get_property(bus, KDAMOND, "org.damond1.Kdamond", "pid")
     print(f"kdamond 0: state on (pid {kpid})")
     check = await describe_access_check(bus)
-    intervals = [
-        await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
-        for n in ("sample_us", "aggr_us")
-    ]
-    print(f"sampling every {intervals[0] / 1000:g} ms, a Snapshot every {intervals[1] / 1000:g} ms")
+    aggr_us = await describe_pace(bus, feed)
 
     try:
-        await watch(feed, marks, check, seconds, {"workload": workload})
+        await watch(bus, feed, marks, check, seconds, {"workload": workload}, aggr_us)
     finally:
         print(verdict(feed.latest, marks))
 
