@@ -98,29 +98,39 @@ static int grow_run(Work *w, Py_ssize_t count)
 }
 
 /*
- * Read count entries at entry offset first into buf; entries past the end of
- * the file read as fill. Returns the entries really read, or -1 (w->err set).
- * sysfs hands out at most a page per call: read on until the end.
+ * pread (or pwrite) count entries at entry offset first, on until the end of the
+ * file: sysfs moves at most a page per call, and the kernel takes nothing of a
+ * last, partial bitmap word. Returns the entries moved, or -1 (w->err set).
  */
-static Py_ssize_t read_full(Work *w, int fd, uint64_t *buf, Py_ssize_t count, uint64_t first,
-                            uint64_t fill)
+static Py_ssize_t transfer(Work *w, int fd, uint64_t *buf, Py_ssize_t count, uint64_t first,
+                           int writing)
 {
     size_t size = (size_t)count * ENTRY, done = 0;
     char *p = (char *)buf;
     while (done < size) {
-        ssize_t got = pread(fd, p + done, size - done, (off_t)(first * ENTRY + done));
-        if (got < 0) {
+        off_t offset = (off_t)(first * ENTRY + done);
+        ssize_t moved = writing ? pwrite(fd, p + done, size - done, offset)
+                                : pread(fd, p + done, size - done, offset);
+        if (moved < 0) {
             if (errno == EINTR)
                 continue;
             w->err = errno;
             return -1;
         }
-        if (got == 0)
+        if (moved == 0)
             break;
-        done += (size_t)got;
+        done += (size_t)moved;
     }
-    Py_ssize_t read = (Py_ssize_t)(done / ENTRY);
-    for (Py_ssize_t i = read; i < count; i++)
+    return (Py_ssize_t)(done / ENTRY);
+}
+
+/* Read count entries at entry offset first into buf; entries past the end of the
+ * file read as fill. Returns the entries really read, or -1. */
+static Py_ssize_t read_full(Work *w, int fd, uint64_t *buf, Py_ssize_t count, uint64_t first,
+                            uint64_t fill)
+{
+    Py_ssize_t read = transfer(w, fd, buf, count, first, 0);
+    for (Py_ssize_t i = read < 0 ? count : read; i < count; i++)
         buf[i] = fill;
     return read;
 }
@@ -156,27 +166,6 @@ static Py_ssize_t read_items(Work *w, int fd, Item *items, Py_ssize_t n, uint64_
     return read;
 }
 
-/* pwrite all of buf at byte offset; stop where the kernel takes nothing more (a
- * last, partial bitmap word). Returns 0, or -1 (w->err set). */
-static int write_full(Work *w, int fd, const uint64_t *buf, Py_ssize_t count, uint64_t first)
-{
-    size_t size = (size_t)count * ENTRY, done = 0;
-    const char *p = (const char *)buf;
-    while (done < size) {
-        ssize_t put = pwrite(fd, p + done, size - done, (off_t)(first * ENTRY + done));
-        if (put < 0) {
-            if (errno == EINTR)
-                continue;
-            w->err = errno;
-            return -1;
-        }
-        if (put == 0)
-            break;
-        done += (size_t)put;
-    }
-    return 0;
-}
-
 /* Write the OR of the values of equal keys at each key (sorted); close keys share
  * one pwrite, zero words in between. */
 static int write_items(Work *w, int fd, const Item *items, Py_ssize_t n, uint64_t max_gap)
@@ -193,7 +182,7 @@ static int write_items(Work *w, int fd, const Item *items, Py_ssize_t n, uint64_
         memset(w->run, 0, (size_t)count * ENTRY);
         for (Py_ssize_t k = i; k < j; k++)
             w->run[items[k].key - first] |= items[k].value;
-        if (write_full(w, fd, w->run, count, first) < 0)
+        if (transfer(w, fd, w->run, count, first, 1) < 0)
             return -1;
         i = j;
     }
