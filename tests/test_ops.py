@@ -338,7 +338,8 @@ def test_clear_refs_sees_touched_and_untouched_mappings(child: Child) -> None:
         assert not access.check(child.target, cold).any()
 
         # per mapping, not per page: with half of hot touched each sample, every sampled
-        # page of hot answers alike, accessed in every other sample; never by chance
+        # page of hot answers alike, accessed in half the samples (never by chance: a
+        # coin flip per page would split each sample's answers)
         answers = []
         both = np.concatenate([hot, cold])  # one check per sample, as the engine makes
         for _ in range(8):
@@ -348,7 +349,7 @@ def test_clear_refs_sees_touched_and_untouched_mappings(child: Child) -> None:
             answers.append(found[: len(hot)])
             assert not found[len(hot) :].any()
         assert all(a.all() or not a.any() for a in answers)
-        assert [bool(a[0]) for a in answers] in ([True, False] * 4, [False, True] * 4)
+        assert 3 <= sum(bool(a[0]) for a in answers) <= 5, [bool(a[0]) for a in answers]
         unmapped = np.array([0, PAGE_SIZE, 1 << 62], np.uint64)
         assert not access.check(child.target, unmapped).any()
     finally:
