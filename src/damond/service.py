@@ -139,6 +139,7 @@ class ServiceStatus:
 
     def properties_changed(self, node: Node, group: str, changed: dict[str, Any]) -> None:
         if isinstance(node, Kdamond) and "state" in changed:
+            self._aggr_us.pop(node.child_path("contexts", 0), None)  # a new run's pace
             self.update()
 
     def snapshot(self, context: Context, snapshot: Snapshot) -> None:

@@ -135,6 +135,19 @@ static Py_ssize_t read_full(Work *w, int fd, uint64_t *buf, Py_ssize_t count, ui
     return read;
 }
 
+/* Where the run starting at item i ends (exclusive): sorted items at most max_gap
+ * entries apart share one run, read or written by one call; *count is its length
+ * in entries (the gaps included), made room for in w->run. -1 on ENOMEM. */
+static Py_ssize_t run_end(Work *w, const Item *items, Py_ssize_t i, Py_ssize_t n,
+                          uint64_t max_gap, Py_ssize_t *count)
+{
+    Py_ssize_t j = i + 1;
+    while (j < n && items[j].key - items[j - 1].key <= max_gap + 1)
+        j++;
+    *count = (Py_ssize_t)(items[j - 1].key - items[i].key + 1);
+    return grow_run(w, *count) < 0 ? -1 : j;
+}
+
 /*
  * Fill items[i].value with the entry at items[i].key of an array file; items
  * sorted by key (repeats allowed). Returns how many items got an entry read
@@ -143,15 +156,12 @@ static Py_ssize_t read_full(Work *w, int fd, uint64_t *buf, Py_ssize_t count, ui
 static Py_ssize_t read_items(Work *w, int fd, Item *items, Py_ssize_t n, uint64_t max_gap,
                              uint64_t fill)
 {
-    Py_ssize_t read = 0, i = 0;
+    Py_ssize_t read = 0, i = 0, count;
     while (i < n) {
-        Py_ssize_t j = i + 1;
-        while (j < n && items[j].key - items[j - 1].key <= max_gap + 1)
-            j++;
-        uint64_t first = items[i].key;
-        Py_ssize_t count = (Py_ssize_t)(items[j - 1].key - first + 1);
-        if (grow_run(w, count) < 0)
+        Py_ssize_t j = run_end(w, items, i, n, max_gap, &count);
+        if (j < 0)
             return -1;
+        uint64_t first = items[i].key;
         Py_ssize_t got = read_full(w, fd, w->run, count, first, fill);
         if (got < 0)
             return -1;
@@ -170,15 +180,12 @@ static Py_ssize_t read_items(Work *w, int fd, Item *items, Py_ssize_t n, uint64_
  * one pwrite, zero words in between. */
 static int write_items(Work *w, int fd, const Item *items, Py_ssize_t n, uint64_t max_gap)
 {
-    Py_ssize_t i = 0;
+    Py_ssize_t i = 0, count;
     while (i < n) {
-        Py_ssize_t j = i + 1;
-        while (j < n && items[j].key - items[j - 1].key <= max_gap + 1)
-            j++;
-        uint64_t first = items[i].key;
-        Py_ssize_t count = (Py_ssize_t)(items[j - 1].key - first + 1);
-        if (grow_run(w, count) < 0)
+        Py_ssize_t j = run_end(w, items, i, n, max_gap, &count);
+        if (j < 0)
             return -1;
+        uint64_t first = items[i].key;
         memset(w->run, 0, (size_t)count * ENTRY);
         for (Py_ssize_t k = i; k < j; k++)
             w->run[items[k].key - first] |= items[k].value;
