@@ -56,7 +56,12 @@ import numpy as np
 
 from damond.monitor.config import TargetConfig
 from damond.monitor.ops.base import TargetGone
-from damond.monitor.ops.process import ProcessHolder, ProcessTable, TargetProcess
+from damond.monitor.ops.process import (
+    ProcessHolder,
+    ProcessTable,
+    TargetProcess,
+    gone_when_missing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -655,7 +660,7 @@ class PageIdleAccess(ProcessHolder):
         self, proc: TargetProcess | None, addrs: np.ndarray, heads: np.ndarray
     ) -> int:
         """One sample path call: through proc's pagemap, or of physical addresses (None)."""
-        try:
+        with gone_when_missing(proc):
             return self.path.prepare(
                 addrs,
                 heads,
@@ -667,10 +672,6 @@ class PageIdleAccess(ProcessHolder):
                 KPAGEFLAGS_GAP,
                 BITMAP_WRITE_GAP,
             )
-        except OSError as e:
-            if proc is not None and e.errno in (errno.ESRCH, errno.ENOENT):
-                raise TargetGone(proc.pid) from e
-            raise
 
 
 def reopen(proc: TargetProcess, name: str) -> None:

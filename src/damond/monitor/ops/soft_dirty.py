@@ -16,10 +16,9 @@ of each mapping were touched since, and the mapping's written pages (counted
 exactly in its pagemap) are taken out; the rest is the share of the mapping's
 other pages that were read. That share is counted for all non-written sampled
 pages of the mapping at once, in whole samples (attribution.MappingCredit).
-Measuring reads costs an smaps read and the pagemap of every touched mapping
-(in the test guest four times what the writes cost), so it is done in one
-sample out of READS_EVERY, and that sample's shares count for the samples
-that follow, until the next measurement.
+Measuring reads costs an smaps read and the pagemap of every touched mapping,
+so it is done in one sample out of READS_EVERY, and that sample's shares
+count for the samples that follow, until the next measurement.
 
 So: a sampled page counts as accessed when it was written, or when its
 mapping's reads count this sample. A mapping created since the last sample
@@ -33,7 +32,6 @@ the context's CPU ceiling (cpu_limit_pct).
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +49,12 @@ from damond.monitor.ops.page_idle import (
     read_entries,
     reopen,
 )
-from damond.monitor.ops.process import ProcessHolder, ProcessTable, TargetProcess
+from damond.monitor.ops.process import (
+    ProcessHolder,
+    ProcessTable,
+    TargetProcess,
+    gone_when_missing,
+)
 
 CLEAR_SOFT_DIRTY = b"4"
 """clear_refs command 4: clear the soft-dirty bits of all pages."""
@@ -59,8 +62,9 @@ PM_SOFT_DIRTY = 1 << 55
 """pagemap: the page was written since the soft-dirty bits were last cleared."""
 READS_EVERY = 10
 """Samples per measurement of the reads (at the defaults, one every 50 ms): the
-shares of one sample stand for the next ones. Measured in the test guest, a
-sample measuring reads cost 15 ms of CPU against 4 ms for one that does not."""
+shares of one sample stand for the next ones. In the test guest, on a Python
+process with 87 mappings, measuring reads every sample cost 21.5 ms of CPU a
+sample, one sample in ten 10 ms."""
 
 
 def soft_dirty(entries: np.ndarray) -> np.ndarray:
@@ -154,12 +158,8 @@ class SoftDirtyAccess(ProcessHolder):
         return entries
 
     def _read(self, proc: TargetProcess, positions: np.ndarray) -> np.ndarray:
-        try:
+        with gone_when_missing(proc):
             return read_entries(proc.fd("pagemap"), positions, PAGEMAP_GAP, ALL_ONES)
-        except OSError as e:
-            if e.errno in (errno.ESRCH, errno.ENOENT):
-                raise TargetGone(proc.pid) from e
-            raise
 
     def _written_pages(self, proc: TargetProcess, mappings: np.ndarray) -> np.ndarray:
         """How many pages of each mapping are soft-dirty: its whole pagemap, read once."""
@@ -168,15 +168,11 @@ class SoftDirtyAccess(ProcessHolder):
         fd = proc.fd("pagemap")
         first = mappings[:, 0] // np.uint64(KERNEL_PAGE)
         counts = (mappings[:, 1] - mappings[:, 0]) // np.uint64(KERNEL_PAGE)
-        try:
+        with gone_when_missing(proc):
             chunks = [
                 pread_full(fd, count * 8, start * 8)
                 for start, count in zip(first.tolist(), counts.tolist(), strict=True)
             ]
-        except OSError as e:
-            if e.errno in (errno.ESRCH, errno.ENOENT):
-                raise TargetGone(proc.pid) from e
-            raise
         dirty = soft_dirty(np.frombuffer(b"".join(chunks), dtype=np.uint64))
         running = np.concatenate([[0], np.cumsum(dirty, dtype=np.int64)])
         ends = np.cumsum([len(c) // 8 for c in chunks])
