@@ -462,22 +462,24 @@ async def in_guest(out: Path, parts: tuple[str, ...] = PARTS) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def json_from_guest(argv: list[str], name: str, results_dir: Path | None = None) -> dict[str, Any]:
-    """Boot the test guest (1 vCPU, 1 GiB) to run ``python ARGV... /results/NAME`` with the
-    repository's venv; the JSON it left there (RuntimeError when none)."""
+def run_in_guest(
+    script: Path, args: list[str], report: str, results_dir: Path | None, vcpus: int = 1
+) -> dict[str, Any]:
+    """Boot the test guest running ``python SCRIPT ARGS`` (the repository's venv) and load
+    the JSON report it leaves in /results/REPORT, with where and how long."""
     from tests.vm import run as vm  # the rig's runner (only on the host)
 
-    rdir = Path(results_dir or tempfile.mkdtemp(prefix="damond-bench-"))
+    rdir = Path(results_dir or tempfile.mkdtemp(prefix=f"damond-bench-{script.stem}-"))
     python = REPO / ".venv" / "bin" / "python"
     result = vm.run_in_guest(
-        [str(python if python.exists() else sys.executable), *argv, f"/results/{name}"],
+        [str(python if python.exists() else sys.executable), str(script), *args],
         timeout=1800,
-        vcpus=1,
+        vcpus=vcpus,
         memory_mib=1024,
         results_dir=rdir,
         cwd=REPO,
     )
-    path = rdir / name
+    path = rdir / report
     if not path.exists():
         raise RuntimeError(f"the guest wrote no results: {result.describe()}")
     data: dict[str, Any] = json.loads(path.read_text())
@@ -488,8 +490,8 @@ def json_from_guest(argv: list[str], name: str, results_dir: Path | None = None)
 
 def run(results_dir: Path | None = None, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     """Boot the test guest once and run every measurement in it (about 5 minutes)."""
-    argv = [str(Path(__file__).resolve()), "--only", ",".join(parts), "--in-guest"]
-    return json_from_guest(argv, "bench.json", results_dir)
+    args = ["--in-guest", "/results/bench.json", "--only", ",".join(parts)]
+    return run_in_guest(Path(__file__).resolve(), args, "bench.json", results_dir)
 
 
 def _pct(x: float | None) -> str:

@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import ceiling, clear_refs, dbus, engine, guest, page_idle, wss
+from bench import ceiling, clear_refs, damos, dbus, engine, guest, page_idle, wss
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -52,6 +52,8 @@ def main() -> int:
     ceiling_md = ceiling.markdown(ceiling.run())
     print("working-set estimation, here and in the test guest …", file=sys.stderr)
     wss_md = wss.markdown(wss.run())
+    print("DAMOS: damond vs the kernel's DAMOS, in the test guest …", file=sys.stderr)
+    damos_md = damos.markdown(damos.run())
     text = f"""# damond benchmarks
 
 Written by `make bench` ({Path(__file__).name}); numbers from one run.
@@ -135,6 +137,8 @@ real one, so where that share is low, no sampler can find nr_accesses of 5
 or more with a stable age.
 
 {wss_md}
+
+{damos_md}
 """
     OUT.write_text(text)
     print(text)

@@ -289,9 +289,10 @@ def in_guest(out: Path) -> int:
 
 
 def in_vm() -> dict[str, Any]:
-    from bench.guest import json_from_guest
+    from bench.guest import run_in_guest
 
-    return json_from_guest(["-m", "bench.wss", "--in-guest"], "wss.json")
+    script = Path(__file__).resolve()
+    return run_in_guest(script, ["--in-guest", "/results/wss.json"], "wss.json", None)
 
 
 def run() -> dict[str, Any]:

@@ -150,11 +150,15 @@ class Damond:
 
 
 async def start_damond(
-    bus: PrivateBus, client: MessageBus, tmp_path: Any, env: dict[str, str] | None = None
+    bus: PrivateBus,
+    client: MessageBus,
+    tmp_path: Any,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> Damond:
-    """Start the daemon and wait for its name to appear."""
+    """Start the daemon (with more command-line args) and wait for its name to appear."""
     log_path = tmp_path / "damond.log"
-    process = spawn_daemon(bus.address, log_path, "--log-level", "debug", env=env)
+    process = spawn_daemon(bus.address, log_path, "--log-level", "debug", *args, env=env)
     daemon = Damond(bus, process, client, str(log_path))
     try:
         await wait_for_name(client, BUS_NAME, DAEMON_START_TIMEOUT)
@@ -189,6 +193,21 @@ async def damond(private_bus: PrivateBus, tmp_path: Any) -> AsyncIterator[Damond
         assert code == 0, f"damond exited {code}:\n{log}"
 
 
+def start_workload(
+    hot_mib: float, cold_mib: float
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """The demo workload with buffers of these sizes; it has announced them on return."""
+    import json
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "damond.tools.workload", "--hot-mib", str(hot_mib),
+         "--cold-mib", str(cold_mib)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    return process, json.loads(process.stdout.readline())
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     """A real, idle process to monitor."""
@@ -200,14 +219,7 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 @pytest.fixture
 def workload() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
     """The demo workload: a hot and a cold buffer in one real process."""
-    import json
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "damond.tools.workload", "--hot-mib", "4", "--cold-mib", "16"],
-        stdout=subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    info = json.loads(process.stdout.readline())
+    process, info = start_workload(4, 16)
     yield process, info
     stop_process(process)
 

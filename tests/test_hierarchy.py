@@ -14,11 +14,18 @@ from typing import Any
 import pytest
 from ops_helpers import registry_with  # tests/ops_helpers.py
 
-from damond.errors import Busy, InvalidArgument, NoData
-from damond.hierarchy import Context, Kdamond, Node, Target, Tree
+from damond.errors import Busy, InvalidArgument, NoData, NotSupported
+from damond.hierarchy import Context, Kdamond, Node, Scheme, Target, Tree
 from damond.monitor import ops
-from damond.monitor.config import ContextConfig
-from damond.monitor.snapshot import Snapshot
+from damond.monitor.config import (
+    AccessPattern,
+    ContextConfig,
+    FilterConfig,
+    Quotas,
+    SchemeConfig,
+    Watermarks,
+)
+from damond.monitor.snapshot import SchemeResult, SchemeStats, Snapshot
 
 
 class FakeMonitor:
@@ -200,3 +207,100 @@ def test_refused_writes_change_nothing_and_say_nothing(tree: Any) -> None:
             node.set(group, name, value)
     assert recorder.events == []
     assert len(list(t.root.walk())) == 4
+
+
+# --- DAMOS schemes ---------------------------------------------------------------------------
+
+
+def with_scheme(t: Tree, filters: int = 0) -> tuple[Kdamond, Context, Scheme]:
+    kd, ctx = build(t)
+    ctx.set("schemes", "nr", 1)
+    scheme = t.lookup("kdamonds/0/contexts/0/schemes/0")
+    assert isinstance(scheme, Scheme)
+    scheme.set("filters", "nr", filters)
+    return kd, ctx, scheme
+
+
+def test_scheme_files_become_the_cores_config(tree: Any) -> None:
+    t, monitors, _ = tree
+    kd, _, scheme = with_scheme(t, filters=1)
+    for group, name, value in [
+        ("scheme", "action", "pageout"),
+        ("scheme", "apply_interval_us", 300_000),
+        ("access_pattern", "nr_accesses_max", 0),
+        ("access_pattern", "age_min", 20),
+        ("quotas", "bytes", 1 << 20),
+        ("quotas", "reset_interval_ms", 1000),
+        ("quotas", "weight_age", 1000),
+        ("watermarks", "metric", "free_mem_rate"),
+        ("watermarks", "high", 900),
+        ("watermarks", "mid", 800),
+    ]:
+        scheme.set(group, name, value)
+    filter_node = t.lookup("kdamonds/0/contexts/0/schemes/0/filters/0")
+    assert filter_node is not None
+    filter_node.set("filter", "type", "addr")
+    filter_node.set("filter", "allow", True)
+    filter_node.set("filter", "addr_end", 1 << 30)
+    kd.set("kdamond", "state", "on")
+    config = monitors[0].configs[0].schemes[0]
+    assert config == SchemeConfig(
+        0,
+        "pageout",
+        300_000,
+        AccessPattern(nr_accesses_max=0, age_min=20),
+        Quotas(bytes=1 << 20, reset_interval_ms=1000, weight_age=1000),
+        Watermarks("free_mem_rate", high=900, mid=800),
+        (FilterConfig("addr", allow=True, addr_end=1 << 30),),
+    )
+
+
+def test_what_the_backend_cannot_do_is_not_supported(tree: Any) -> None:
+    t, monitors, recorder = tree
+    t.registry = registry_with(probes={"page_idle": "", "clear_refs": ""})  # paddr available
+    kd, ctx, scheme = with_scheme(t, filters=1)
+    scheme.set("scheme", "action", "pageout")
+    assert "pageout" in scheme.get("scheme", "avail_actions")
+    ctx.set("context", "operations", "paddr")  # accepted: the scheme is checked at on
+    assert scheme.get("scheme", "avail_actions") == ["stat"]
+    with pytest.raises(NotSupported, match="only count"):
+        kd.set("kdamond", "state", "on")
+    with pytest.raises(NotSupported, match="only count"):
+        scheme.set("scheme", "action", "cold")
+    scheme.set("scheme", "action", "stat")
+    with pytest.raises(NotSupported, match="anon filter"):
+        kd.set("kdamond", "state", "on")  # the default filter type: anon, per page
+    node = t.lookup("kdamonds/0/contexts/0/schemes/0/filters/0")
+    assert node is not None
+    node.set("filter", "type", "addr")
+    ctx.set("targets", "nr", 1)
+    kd.set("kdamond", "state", "on")
+    assert monitors[0].configs[0].schemes[0].action == "stat"
+
+
+def test_stats_are_announced_at_most_once_a_second(tree: Any) -> None:
+    t, monitors, recorder = tree
+    kd, ctx, scheme = with_scheme(t)
+    kd.set("kdamond", "state", "on")
+    recorder.events.clear()
+
+    def snapshot(seq: int, nr_tried: int) -> Snapshot:
+        stats = SchemeStats(nr_tried, nr_tried * 4096)
+        result = SchemeResult(0, stats, 0, True, ((0, 0, 4096, 0, 1),))
+        return Snapshot(seq, 0, 20, (), (result,))
+
+    def announced() -> list[Any]:
+        return [e[2][1] for e in recorder.events if e[0] == "changed" and e[1] == scheme.path]
+
+    monitors[0].on_snapshot(snapshot(1, 1))
+    assert announced() == [{"nr_tried": 1, "sz_tried": 4096}]
+    monitors[0].on_snapshot(snapshot(2, 2))  # within the second: read, not announced
+    assert scheme.get("scheme_stats", "nr_tried") == 2 and len(announced()) == 1
+    assert scheme.tried_regions() == ((0, 0, 4096, 0, 1),)
+    kd.set("kdamond", "state", "off")  # the last word
+    assert announced()[-1] == {"nr_tried": 2, "sz_tried": 8192}
+    assert scheme.get("scheme_stats", "nr_tried") == 2  # kept while off
+    kd.set("kdamond", "state", "on")  # back to zero, and said so
+    assert announced()[-1] == {"nr_tried": 0, "sz_tried": 0}
+    with pytest.raises(NoData):
+        scheme.tried_regions()

@@ -24,6 +24,8 @@ LAYER_OF = {
     "damond.service": 4,
     "damond.bus": 3,
     "damond.busio": 3,
+    "damond.configfile": 2,
+    "damond.kdamonds_format": 2,
     "damond.hierarchy": 2,
     "damond.errors": 2,
     "damond.monitor.ops": 0,

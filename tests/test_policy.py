@@ -60,9 +60,10 @@ async def served(policy_bus: PrivateBus, tmp_path: Any) -> AsyncIterator[Damond]
         await daemon.set(C0, "org.damond1.Targets", "nr", "u", 1)
         await daemon.set(T0, "org.damond1.Target", "pid", "i", target.pid)
         await daemon.set(C0, "org.damond1.Intervals", "aggr_us", "t", 20000)
+        await daemon.set(C0, "org.damond1.Schemes", "nr", "u", 1)  # stat: it tries every region
         snapshots = await daemon.signals(path=C0, member="Snapshot")
         await daemon.set(K0, "org.damond1.Kdamond", "state", "s", "on")
-        await snapshots.next(timeout=10)  # GetSnapshot has data from here on
+        await snapshots.next(timeout=10)  # GetSnapshot and GetTriedRegions have data from here on
         await snapshots.stop()
         yield daemon
     finally:
@@ -90,6 +91,7 @@ STATE_OFF = ["set-property", "org.damond1", K0, "org.damond1.Kdamond", "state", 
 SNAPSHOT = ["call", "org.damond1", C0, "org.damond1.Context", "GetSnapshot"]
 MANAGED = ["call", "org.damond1", ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"]
 INTROSPECT = ["introspect", "org.damond1", C0]
+TRIED = ["call", "org.damond1", f"{C0}/schemes/0", "org.damond1.Scheme", "GetTriedRegions"]
 
 
 async def snapshots_received(user: list[str], d: Damond, snapshots: int = 10) -> int:
@@ -116,6 +118,7 @@ async def snapshots_received(user: list[str], d: Damond, snapshots: int = 10) ->
 async def test_root_may_do_everything(served: Damond) -> None:
     assert served.busctl(*GET).stdout.strip() == 's "on"'
     assert served.busctl(*SNAPSHOT).returncode == 0
+    assert served.busctl(*TRIED).returncode == 0
     assert served.busctl(*MANAGED).returncode == 0
     assert served.busctl(*SET).returncode == 0
     assert (
@@ -130,7 +133,7 @@ async def test_root_may_do_everything(served: Damond) -> None:
 async def test_everyone_else_reads_properties_only(served: Damond) -> None:
     assert as_user(NOBODY, served, *GET).stdout.strip() == 's "on"'
     assert as_user(NOBODY, served, *INTROSPECT).returncode == 0
-    for call in (SET, STATE_OFF, SNAPSHOT, MANAGED):
+    for call in (SET, STATE_OFF, SNAPSHOT, TRIED, MANAGED):
         out = as_user(NOBODY, served, *call)
         assert denied(out), (call, out.returncode, out.stderr)
     assert served.busctl(*GET).stdout.strip() == 's "on"'  # the denied `off` did nothing
@@ -142,6 +145,8 @@ async def test_group_damond_reads_and_watches(served: Damond) -> None:
     assert as_user(MEMBER, served, *GET).stdout.strip() == 's "on"'
     snapshot = as_user(MEMBER, served, *SNAPSHOT)
     assert snapshot.returncode == 0 and snapshot.stdout.startswith("ttua(uia(ttuu))"), snapshot
+    tried = as_user(MEMBER, served, *TRIED)
+    assert tried.returncode == 0 and tried.stdout.startswith("a(uttuu)"), tried
     assert as_user(MEMBER, served, *MANAGED).returncode == 0
     for call in (SET, STATE_OFF):
         out = as_user(MEMBER, served, *call)

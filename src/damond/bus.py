@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -26,7 +27,7 @@ from dbus_fast.constants import ArgDirection, ErrorType, PropertyAccess
 
 from damond import busio
 from damond.errors import Busy, DamondError, InvalidArgument, NoData, NotSupported
-from damond.hierarchy import Context, Node, Tree
+from damond.hierarchy import Context, Method, Node, Tree
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,33 @@ INTERFACES = {
     "target": "org.damond1.Target",
     "regions": "org.damond1.Regions",
     "region": "org.damond1.Region",
+    "schemes": "org.damond1.Schemes",
+    "scheme": "org.damond1.Scheme",
+    "access_pattern": "org.damond1.AccessPattern",
+    "quotas": "org.damond1.Quotas",
+    "watermarks": "org.damond1.Watermarks",
+    "filters": "org.damond1.Filters",
+    "filter": "org.damond1.Filter",
+    "scheme_stats": "org.damond1.SchemeStats",
 }
 GROUPS = {iface: group for group, iface in INTERFACES.items()}
-SIGNATURES = {"u32": "u", "i32": "i", "u64": "t", "str": "s", "strlist": "as"}
+SIGNATURES = {"u32": "u", "i32": "i", "u64": "t", "bool": "b", "str": "s", "strlist": "as"}
 SNAPSHOT_SIGNATURE = "ttua(uia(ttuu))"
+SNAPSHOT_ARGS = (
+    ("t", "seq"),
+    ("t", "timestamp_us"),
+    ("u", "max_nr_accesses"),
+    ("a(uia(ttuu))", "targets"),
+)
+RETURNS: dict[str, tuple[tuple[tuple[str, str], ...], Callable[[Any], list]]] = {
+    "snapshot": (SNAPSHOT_ARGS, lambda snapshot: snapshot.as_dbus()),
+    "tried_regions": (
+        (("a(uttuu)", "regions"),),
+        lambda regions: [[list(r) for r in regions]],
+    ),
+}
+"""How each kind of method result goes on the wire: (signature, name) of each out
+argument, and the body. The shapes are built here, once, for dbus-fast's weak checks."""
 
 ERROR_NAMES: dict[type[DamondError], str] = {
     InvalidArgument: ERROR_PREFIX + "InvalidArgument",
@@ -115,17 +139,18 @@ def _build_interface(node_type: type[Node], group: str) -> intr.Interface:
         )
         for a in node_type.GROUPS[group]
     ]
-    methods: list[intr.Method] = []
+    methods = [
+        intr.Method(
+            m.name,
+            out_args=[intr.Arg(sig, ArgDirection.OUT, name) for sig, name in RETURNS[m.returns][0]],
+        )
+        for m in node_type.METHODS.get(group, ())
+    ]
     signals: list[intr.Signal] = []
     if group == "context":
-        out = [
-            intr.Arg("t", ArgDirection.OUT, "seq"),
-            intr.Arg("t", ArgDirection.OUT, "timestamp_us"),
-            intr.Arg("u", ArgDirection.OUT, "max_nr_accesses"),
-            intr.Arg("a(uia(ttuu))", ArgDirection.OUT, "targets"),
-        ]
-        methods.append(intr.Method("GetSnapshot", out_args=out))
-        signals.append(intr.Signal("Snapshot", [intr.Arg(a.signature, None, a.name) for a in out]))
+        signals.append(
+            intr.Signal("Snapshot", [intr.Arg(sig, None, name) for sig, name in SNAPSHOT_ARGS])
+        )
     return intr.Interface(INTERFACES[group], methods=methods, signals=signals, properties=props)
 
 
@@ -197,19 +222,30 @@ class BusAdapter:
             and node is self.tree.root
         ):
             return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self._managed_objects()])
-        if (
-            member == "GetSnapshot"
-            and iface in (INTERFACES["context"], None)
-            and no_args
-            and isinstance(node, Context)
-        ):
-            return Message.new_method_return(msg, SNAPSHOT_SIGNATURE, node.get_snapshot().as_dbus())
+        method = self._method(node, iface, member) if no_args else None
+        if method is not None:
+            assert node is not None
+            out, body = RETURNS[method.returns]
+            signature = "".join(sig for sig, _ in out)
+            return Message.new_method_return(msg, signature, body(method.call(node)))
         if node is None:
             raise _Reply(ErrorType.UNKNOWN_OBJECT.value, f"no object at {path}")
         raise _Reply(
             ErrorType.UNKNOWN_METHOD.value,
             f"{path} has no method {iface}.{member} with signature {msg.signature!r}",
         )
+
+    @staticmethod
+    def _method(node: Node | None, iface: str | None, member: str | None) -> Method | None:
+        """The node's method of that name, in that interface (any, when none is given)."""
+        if node is None:
+            return None
+        groups = [GROUPS.get(iface, "")] if iface is not None else list(node.METHODS)
+        for group in groups:
+            for method in node.METHODS.get(group, ()):
+                if method.name == member:
+                    return method
+        return None
 
     def _node(self, path: str) -> Node | None:
         if path == ROOT_PATH:

@@ -10,12 +10,14 @@ import signal
 import sys
 import textwrap
 from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from damond import service
+from damond import configfile, service
 from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
 from damond.hierarchy import Tree
 from damond.monitor import ops
@@ -45,6 +47,9 @@ def host_support(registry: ops.Registry = ops.REGISTRY) -> str:
             reason = registry.why_unavailable(name)
             said = f"no ({reason.removeprefix(name + ': ')})" if reason else "available"
             lines.append(f"  {kind} {name}: {said}")
+    for name in registry.available_operations():
+        actions = ", ".join(registry.available_actions(name))
+        lines.append(f"  DAMOS actions on {name}: {actions}")
     return "\n".join(lines)
 
 
@@ -53,19 +58,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "DAMON-style data-access monitor in user space. Serves the DAMON admin tree "
         f"(kdamonds, contexts, targets, regions) as D-Bus objects under {ROOT_PATH} with "
         f"the bus name {BUS_NAME}, and publishes each aggregation as a Snapshot signal. "
-        "Configure and start monitoring with busctl set-property (see docs/dbus-api.md)."
+        "Configure and start monitoring with damondctl, busctl set-property (see "
+        "docs/dbus-api.md), or a configuration file in damo's kdamonds JSON format, applied "
+        "at start and again on SIGHUP."
+    )
+    examples = (
+        "examples:\n"
+        "  damond --bus system                      # as the system service does\n"
+        "  damond --bus unix:path=/tmp/b/bus        # on a private bus (see the README)\n"
+        "  damond --config kdamonds.json --bus ...  # start what the file says\n"
+        "  kill -HUP $(pidof -x damond)             # apply the file again (systemctl reload)"
     )
     parser = argparse.ArgumentParser(
         prog="damond",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(description, 79),
-        epilog=textwrap.fill(
-            "Exits 1 when the bus is unreachable or the name is taken; 0 on SIGTERM/SIGINT.",
+        epilog=examples
+        + "\n\n"
+        + textwrap.fill(
+            "Exits 1 when the bus is unreachable, the name is taken, or --config names a "
+            "file that does not exist; 0 on SIGTERM/SIGINT. A configuration that is refused "
+            "(at start or reload) is logged with the object and rule, and changes nothing: "
+            "the daemon keeps serving.",
             79,
         )
         + "\n\n"
         + host_support(),
     )
+    parser.add_argument("--version", action="version", version=f"damond {_version()}")
     parser.add_argument(
         "--bus",
         default="system",
@@ -74,12 +94,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "address such as unix:path=/run/damond-test/bus",
     )
     parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"damo's kdamonds JSON to apply at start and on SIGHUP (default: "
+        f"{configfile.DEFAULT_PATH}, when it exists)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="least severe messages to log (default: info)",
     )
     return parser.parse_args(argv)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("damond")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _message_bus(spec: str) -> MessageBus:
@@ -110,7 +145,12 @@ async def _own_name(bus: MessageBus) -> None:
 class Daemon:
     """The tree, its running kdamonds and the bus it is served on."""
 
-    def __init__(self, registry: ops.Registry = ops.REGISTRY) -> None:
+    def __init__(
+        self, registry: ops.Registry = ops.REGISTRY, config: Path | None = None
+    ) -> None:
+        self.config = config or configfile.DEFAULT_PATH
+        self.config_asked = config is not None
+        """--config was given: a missing file is an error, not 'nothing to apply'."""
         self.tasks: set[KdamondTask] = set()
         self.registry = registry
         self.tree = Tree(self._start_kdamond, registry)
@@ -139,24 +179,50 @@ class Daemon:
                 [asyncio.ensure_future(t.wait()) for t in tasks], timeout=SHUTDOWN_GRACE_S
             )
 
+    def apply_config(self) -> str:
+        """Apply the configuration file (at start, on SIGHUP); the reason it was refused,
+        which changes nothing and is logged, or ''."""
+        try:
+            configfile.load(self.config, self.tree, missing_ok=not self.config_asked)
+        except configfile.ConfigFileError as e:
+            log.error("configuration refused, nothing changed: %s", e)
+            return str(e)
+        return ""
+
+    def reload(self, status: service.ServiceStatus) -> None:
+        """SIGHUP: apply the configuration again (systemd's reload protocol around it)."""
+        service.notify("RELOADING=1")
+        log.info("reloading the configuration from %s", self.config)
+        status.config_problem = self.apply_config()
+        service.notify("READY=1")
+        status.update()
+
     async def serve(self, spec: str) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_after_disconnect)
-        # before the name is visible: a SIGTERM right after start-up is a clean stop
+        # before the name is visible: a SIGTERM right after start-up is a clean stop,
+        # and a SIGHUP a reload (its default action would end the daemon)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        status = service.ServiceStatus(self.tree)
+        loop.add_signal_handler(signal.SIGHUP, self.reload, status)
         bus = await _connect(spec)
         adapter = BusAdapter(bus, self.tree)
         adapter.attach()  # objects answer before the name is visible
-        await _own_name(bus)
+        self.tree.listeners.append(status)
+        # before the name too: whoever sees org.damond1 sees the file applied
+        status.config_problem = self.apply_config()
+        try:
+            await _own_name(bus)
+        except Fatal:
+            await self.shutdown("not serving: the name is not ours")
+            raise
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
         warning = kernel_damon.interference_warning()
         if warning:
             log.warning("%s", warning)
-        status = service.ServiceStatus(self.tree)
-        self.tree.listeners.append(status)
-        service.notify("READY=1")  # the name is owned and the tree exported
+        service.notify("READY=1")  # the file applied, the name owned, the tree exported
         status.update()
 
         interval = service.watchdog_interval()
@@ -202,7 +268,10 @@ def _faults_asked() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     service.setup_logging(args.log_level)
-    daemon = Daemon()
+    if args.config is not None and not args.config.exists():
+        print(f"damond: --config {args.config}: no such file", file=sys.stderr)
+        return 1
+    daemon = Daemon(config=args.config)
     if _faults_asked():
         from damond import faults  # test support, loaded only when asked
 

@@ -13,17 +13,34 @@ any transport can serve the tree.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from damond.errors import Busy, InvalidArgument, NoData, NotSupported
 from damond.monitor import ops
-from damond.monitor.config import Attrs, ConfigError, ContextConfig, TargetConfig
+from damond.monitor.config import (
+    ACTIONS,
+    FILTER_TYPES,
+    STAT,
+    WMARK_METRICS,
+    WMARK_NONE,
+    AccessPattern,
+    Attrs,
+    ConfigError,
+    ContextConfig,
+    FilterConfig,
+    Quotas,
+    SchemeConfig,
+    TargetConfig,
+    Watermarks,
+)
 from damond.monitor.ops import kernel_damon
 from damond.monitor.ops.process import process_problem
-from damond.monitor.snapshot import Snapshot
+from damond.monitor.snapshot import SchemeResult, SchemeStats, Snapshot, TriedRegion
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +52,14 @@ MAX_REGIONS = 4096
 """Region objects per target."""
 MAX_TREE_REGIONS = 16384
 """Region objects in the whole tree: bounds the tree's memory and GetManagedObjects."""
+MAX_SCHEMES = 32
+"""Schemes per context: each is walked over every region at each of its applications."""
+MAX_FILTERS = 32
+"""Filters per scheme."""
+MAX_PATH = 4096
+"""The longest memcg_path (the kernel's PATH_MAX)."""
+STATS_INTERVAL_S = 1.0
+"""Scheme stats are announced (PropertiesChanged) at most this often while running."""
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
@@ -49,7 +74,7 @@ DEFAULT_ATTRS = Attrs()
 class Attribute:
     """One sysfs file: its name, value kind, default, and how it is read and written.
 
-    kind is one of "u32", "i32", "u64", "str", "strlist". A stored file keeps
+    kind is one of "u32", "i32", "u64", "bool", "str", "strlist". A stored file keeps
     its value in the node's attribute ``field`` (set to ``default`` when the
     node is made); others compute it. ``write`` is None for read-only files;
     it raises a DamondError, changing nothing, to refuse a value.
@@ -79,6 +104,8 @@ class Attribute:
                 raise InvalidArgument(where, f"{self.name} must be an integer in [{lo}, {hi}]")
         elif self.kind == "str" and not isinstance(value, str):
             raise InvalidArgument(where, f"{self.name} must be a string")
+        elif self.kind == "bool" and not isinstance(value, bool):
+            raise InvalidArgument(where, f"{self.name} must be a boolean")
 
 
 def stored(
@@ -97,6 +124,16 @@ def stored(
         setattr(node, attr, value)
 
     return Attribute(name, kind, lambda node: getattr(node, attr), write, attr, default)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A call on a node: its name, the kind of value it answers with (the transport knows
+    how to send each kind), and how to answer; it raises a DamondError to refuse."""
+
+    name: str
+    returns: str
+    call: Callable[[Any], Any]
 
 
 def computed(
@@ -177,6 +214,8 @@ class Node:
     """A directory of the admin tree; its files are the Attributes of GROUPS."""
 
     GROUPS: ClassVar[dict[str, tuple[Attribute, ...]]] = {}
+    METHODS: ClassVar[dict[str, tuple[Method, ...]]] = {}
+    """Calls, by the group (interface) they belong to."""
 
     def __init__(self, tree: Tree, path: str, parent: Node | None) -> None:
         self.tree = tree
@@ -283,6 +322,203 @@ class Target(Node):
         return [self.regions]
 
 
+# --- DAMOS: schemes and their filters ---------------------------------------------------------
+
+
+def _context_of(node: Node) -> Context:
+    while not isinstance(node, Context):
+        assert node.parent is not None, "schemes live under a context"
+        node = node.parent
+    return node
+
+
+def _check_keyword(node: Node, name: str, value: str, known: tuple[str, ...]) -> None:
+    if value not in known:
+        raise InvalidArgument(node.path, f"{name} {_shown(value)} is not one of {', '.join(known)}")
+
+
+def _check_doable(node: Node, why_not: Callable[[str, str], str], value: str) -> None:
+    """NotSupported, with the ops tables' reason, for what the context's operations set
+    cannot do on this host."""
+    context = _context_of(node)
+    reason = why_not(value, context.operations)
+    if reason:
+        raise NotSupported(node.path, reason)
+
+
+def _check_action(scheme: Scheme, value: str) -> None:
+    _check_keyword(scheme, "action", value, ACTIONS)
+    _check_doable(scheme, scheme.tree.registry.why_action_unavailable, value)
+
+
+def _check_metric(scheme: Scheme, value: str) -> None:
+    _check_keyword(scheme, "metric", value, WMARK_METRICS)
+
+
+def _check_filter_type(node: Filter, value: str) -> None:
+    _check_keyword(node, "type", value, FILTER_TYPES)
+    _check_doable(node, node.tree.registry.why_filter_unavailable, value)
+
+
+def _check_path(node: Filter, value: str) -> None:
+    if len(value) > MAX_PATH or "\0" in value:
+        raise InvalidArgument(
+            node.path, f"memcg_path must be a path of at most {MAX_PATH} characters"
+        )
+
+
+DEFAULT_FILTER = FilterConfig()
+
+
+class Filter(Node):
+    """One DAMOS filter (schemes/S/filters/F)."""
+
+    GROUPS = {
+        "filter": (
+            stored("type", "str", DEFAULT_FILTER.type, field="type", check=_check_filter_type),
+            stored("matching", "bool", DEFAULT_FILTER.matching),
+            stored("allow", "bool", DEFAULT_FILTER.allow),
+            stored("memcg_path", "str", DEFAULT_FILTER.memcg_path, check=_check_path),
+            stored("addr_start", "u64", DEFAULT_FILTER.addr_start),
+            stored("addr_end", "u64", DEFAULT_FILTER.addr_end),
+            stored("target_idx", "u32", DEFAULT_FILTER.target_idx),
+        )
+    }
+
+    type: str
+    matching: bool
+    allow: bool
+    memcg_path: str
+    addr_start: int
+    addr_end: int
+    target_idx: int
+
+    def config(self) -> FilterConfig:
+        return FilterConfig(
+            self.type,
+            self.matching,
+            self.allow,
+            self.memcg_path,
+            self.addr_start,
+            self.addr_end,
+            self.target_idx,
+        )
+
+
+DEFAULT_PATTERN = AccessPattern()
+DEFAULT_QUOTAS = Quotas()
+DEFAULT_WATERMARKS = Watermarks()
+NO_STATS = SchemeStats()
+STATS = ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
+
+
+def _stat(name: str) -> Attribute:
+    return computed(name, "u64", lambda s: getattr(s.stats(), name))
+
+
+def _stored_fields(kind: str, default: Any, names: tuple[str, ...]) -> tuple[Attribute, ...]:
+    """Plain stored files whose defaults are the core's (AccessPattern, Quotas...)."""
+    return tuple(stored(n, kind, getattr(default, n)) for n in names)
+
+
+class Scheme(Node):
+    """One DAMOS scheme (contexts/C/schemes/S): what to do to which regions, how much."""
+
+    GROUPS = {
+        "scheme": (
+            stored("action", "str", STAT, check=_check_action),
+            computed(
+                "avail_actions",
+                "strlist",
+                lambda s: s.tree.registry.available_actions(_context_of(s).operations),
+            ),
+            stored("apply_interval_us", "u64", 0),
+        ),
+        "access_pattern": (
+            *_stored_fields("u64", DEFAULT_PATTERN, ("sz_min", "sz_max")),
+            *_stored_fields(
+                "u32",
+                DEFAULT_PATTERN,
+                ("nr_accesses_min", "nr_accesses_max", "age_min", "age_max"),
+            ),
+        ),
+        "quotas": (
+            *_stored_fields("u64", DEFAULT_QUOTAS, ("ms", "bytes", "reset_interval_ms")),
+            *_stored_fields(
+                "u32", DEFAULT_QUOTAS, ("weight_sz", "weight_nr_accesses", "weight_age")
+            ),
+            computed("effective_bytes", "u64", lambda s: s.effective_bytes()),
+        ),
+        "watermarks": (
+            stored("metric", "str", WMARK_NONE, check=_check_metric),
+            *_stored_fields("u64", DEFAULT_WATERMARKS, ("interval_us", "high", "mid", "low")),
+        ),
+        "filters": (nr_of("filters"),),
+        "scheme_stats": tuple(_stat(name) for name in STATS),
+    }
+    METHODS = {"scheme": (Method("GetTriedRegions", "tried_regions", lambda s: s.tried_regions()),)}
+
+    def __init__(self, tree: Tree, path: str, parent: Node) -> None:
+        super().__init__(tree, path, parent)
+        self.filters = Collection(self, "filters", lambda p: Filter(tree, p, self), MAX_FILTERS)
+        self.result: SchemeResult | None = None
+        """As of the latest snapshot of the running kdamond (kept after off; None after on)."""
+        self._announced: dict[str, dict[str, Any]] = self._published()
+        self._announced_at = -math.inf
+
+    def collections(self) -> list[Collection[Any]]:
+        return [self.filters]
+
+    def stats(self) -> SchemeStats:
+        return self.result.stats if self.result is not None else NO_STATS
+
+    def effective_bytes(self) -> int:
+        return self.result.effective_bytes if self.result is not None else 0
+
+    def tried_regions(self) -> tuple[TriedRegion, ...]:
+        if self.result is None or self.result.tried is None:
+            raise NoData(self.path, "the scheme has not been applied since the kdamond went on")
+        return self.result.tried
+
+    def config(self, index: int) -> SchemeConfig:
+        def values(group: str) -> dict[str, Any]:
+            return {a.name: self.get(group, a.name) for a in self.GROUPS[group] if a.writable}
+
+        watermarks = values("watermarks")
+        return SchemeConfig(
+            index=index,
+            action=self.get("scheme", "action"),
+            apply_interval_us=self.get("scheme", "apply_interval_us"),
+            pattern=AccessPattern(**values("access_pattern")),
+            quotas=Quotas(**values("quotas")),
+            watermarks=Watermarks(**watermarks),
+            filters=tuple(f.config() for f in self.filters.items),
+        )
+
+    # -- results: stats announced at most once per STATS_INTERVAL_S --------------------------
+
+    def _published(self) -> dict[str, dict[str, Any]]:
+        stats = self.stats()
+        return {
+            "scheme_stats": {name: getattr(stats, name) for name in STATS},
+            "quotas": {"effective_bytes": self.effective_bytes()},
+        }
+
+    def publish(self, result: SchemeResult | None, now: float, force: bool = False) -> None:
+        """Take a new result; say what changed if STATS_INTERVAL_S passed since the last
+        time (or force: the kdamond turns on or off)."""
+        self.result = result
+        if not force and now - self._announced_at < STATS_INTERVAL_S:
+            return
+        published = self._published()
+        for group, values in published.items():
+            changed = {k: v for k, v in values.items() if self._announced[group].get(k) != v}
+            if changed:
+                self.tree.emit_changed(self, group, changed)
+                self._announced_at = now
+        self._announced = published
+
+
 def _shown(value: str, limit: int = 64) -> str:
     """A client's string as an error message repeats it: quoted, and cut when long."""
     if len(value) <= limit:
@@ -360,7 +596,9 @@ class Context(Node):
             stored("max", "u64", DEFAULT_ATTRS.max_nr_regions, field="max_nr_regions"),
         ),
         "targets": (nr_of("targets"),),
+        "schemes": (nr_of("schemes"),),
     }
+    METHODS = {"context": (Method("GetSnapshot", "snapshot", lambda c: c.get_snapshot()),)}
 
     operations: str
     access_check: str
@@ -374,10 +612,18 @@ class Context(Node):
     def __init__(self, tree: Tree, path: str, parent: Node) -> None:
         super().__init__(tree, path, parent)
         self.targets = Collection(self, "targets", lambda p: Target(tree, p, self), MAX_TARGETS)
+        self.schemes = Collection(self, "schemes", lambda p: Scheme(tree, p, self), MAX_SCHEMES)
         self.latest: Snapshot | None = None
 
     def collections(self) -> list[Collection[Any]]:
-        return [self.targets]
+        return [self.targets, self.schemes]
+
+    def publish_schemes(self, snapshot: Snapshot | None, force: bool = False) -> None:
+        """Hand each scheme its result of the snapshot (None: none yet, after on)."""
+        now = time.monotonic()
+        results = {r.index: r for r in snapshot.schemes} if snapshot is not None else {}
+        for i, scheme in enumerate(self.schemes.items):
+            scheme.publish(results.get(i), now, force)
 
     def get_snapshot(self) -> Snapshot:
         if self.latest is None:
@@ -388,7 +634,8 @@ class Context(Node):
         """Validate this context for `on`/`commit` and freeze it for the engine.
 
         The attributes first (the core's rules), then what this host can
-        run, then the targets (the core's rules and the operations set's).
+        run (operations, access check, each scheme's action and filters), then
+        the targets and schemes (the core's rules and the operations set's).
         """
         attrs = Attrs(
             sample_us=self.sample_us,
@@ -417,7 +664,16 @@ class Context(Node):
             )
             for i, t in enumerate(self.targets.items)
         )
-        config = ContextConfig(operations, access_check, attrs, targets)
+        schemes = tuple(s.config(i) for i, s in enumerate(self.schemes.items))
+        for node, scheme in zip(self.schemes.items, schemes, strict=True):
+            why = registry.why_action_unavailable(scheme.action, operations.name)
+            if why:
+                raise NotSupported(node.path, why)
+            for filter_node, f in zip(node.filters.items, scheme.filters, strict=True):
+                why = registry.why_filter_unavailable(f.type, operations.name)
+                if why:
+                    raise NotSupported(filter_node.path, why)
+        config = ContextConfig(operations, access_check, attrs, targets, schemes)
         self._checked(config.validate)
         if operations.target_has_pid:
             for target, tc in zip(self.targets.items, targets, strict=True):
@@ -493,15 +749,21 @@ class Kdamond(Node):
             )
         return self.contexts.items[0]
 
+    def check(self) -> ContextConfig:
+        """Validate this kdamond for `on` or `commit` (its one context, frozen), changing
+        nothing; InvalidArgument/NotSupported name the object and rule."""
+        return self._context().config()
+
     def turn_on(self) -> None:
         if self.running:
             raise Busy(self.path, "is already on")
         context = self._context()
-        config = context.config()
+        config = self.check()
 
         def on_snapshot(snapshot: Snapshot) -> None:
             if self.monitor is monitor:
                 context.latest = snapshot
+                context.publish_schemes(snapshot)
                 self.tree.emit_snapshot(context, snapshot)
 
         def on_stop(reason: str) -> None:
@@ -512,6 +774,7 @@ class Kdamond(Node):
         self.monitor = monitor
         self.running_config = config
         context.latest = None
+        context.publish_schemes(None, force=True)
         log.info(
             "%s on: %s/%s, %d target(s) %s",
             self.path,
@@ -541,7 +804,9 @@ class Kdamond(Node):
         monitor.stop()
         log.info("%s off: %s", self.path, reason, extra={"KDAMOND": self.name})
         if self.contexts.items:
-            self._announce_effective(self.contexts.items[0])
+            context = self.contexts.items[0]
+            context.publish_schemes(context.latest, force=True)  # the last word on them
+            self._announce_effective(context)
         self.tree.emit_changed(self, "kdamond", {"state": STATE_OFF, "pid": -1})
 
     def _announce_effective(self, context: Context) -> None:
@@ -559,7 +824,7 @@ class Kdamond(Node):
     def commit(self) -> None:
         if self.monitor is None:
             raise InvalidArgument(self.path, "commit needs the kdamond to be on (state is off)")
-        config = self._context().config()
+        config = self.check()
         self.monitor.commit(config)
         self.running_config = config
         log.info("%s commit", self.path, extra={"KDAMOND": self.name})

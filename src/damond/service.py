@@ -97,9 +97,13 @@ class ServiceStatus:
         """By context: how long its latest aggregation really took."""
         self._last = 0.0
         self.text = ""
+        self.config_problem = ""
+        """Why the configuration file was refused when last applied, or ''."""
 
     def describe(self) -> str:
         text = self._describe_kdamonds()
+        if self.config_problem:
+            text += f"; configuration refused: {self.config_problem}"
         if kernel_damon.running_kdamonds():
             text += "; warning: the kernel's own DAMON is running (see the log)"
         return text

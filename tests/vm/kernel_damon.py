@@ -16,7 +16,11 @@ The interface (Documentation/admin-guide/mm/damon/usage.rst of 6.12)::
         0/targets/N/regions/nr_regions, .../regions/M/{start,end}
         0/schemes/nr_schemes, 0/schemes/S/action
         0/schemes/S/access_pattern/{sz,nr_accesses,age}/{min,max}
+        0/schemes/S/stats/{nr_tried,sz_tried,nr_applied,sz_applied,qt_exceeds}
         0/schemes/S/tried_regions/total_bytes, .../tried_regions/R/{start,end,nr_accesses,age}
+
+set_scheme() makes that scheme act instead (tests/vm/damos.py: DAMOS pageout
+next to damond's), and scheme_stats() reads its stats.
 
 The kernel publishes monitoring results only through schemes and the
 damon_aggregated tracepoint; the test kernel has no tracefs (no DEBUG_FS or
@@ -227,3 +231,28 @@ class KernelDamon:
     def total_bytes(self) -> int:
         """tried_regions/total_bytes as of the last update."""
         return int(self.read(f"{self.scheme}/tried_regions/total_bytes"))
+
+    # -- DAMOS -------------------------------------------------------------------------------
+
+    def set_scheme(
+        self,
+        action: str,
+        sz: tuple[int, int] = (0, ULONG_MAX),
+        nr_accesses: tuple[int, int] = (0, UINT_MAX),
+        age: tuple[int, int] = (0, UINT_MAX),
+    ) -> None:
+        """Make scheme 0 (setup()'s) do action to the regions of this access pattern
+        (nr_accesses in samples, age in aggregations, as damond's Scheme)."""
+        self.write(f"{self.scheme}/action", action)
+        pattern = f"{self.scheme}/access_pattern"
+        for name, (lo, hi) in (("sz", sz), ("nr_accesses", nr_accesses), ("age", age)):
+            self.write(f"{pattern}/{name}/min", lo)
+            self.write(f"{pattern}/{name}/max", hi)
+
+    def scheme_stats(self) -> dict[str, int]:
+        """Scheme 0's stats/ files, brought up to date (update_schemes_stats)."""
+        self.write(f"{self.kdamond}/state", "update_schemes_stats")
+        return {
+            name: int(self.read(f"{self.scheme}/stats/{name}"))
+            for name in ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
+        }

@@ -1305,16 +1305,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         damond_intervals=run.intervals or "defaults",
         guest=guest_facts(),
     )
+    execute(run, SCENARIOS[args.scenario](run))
+    return 0
+
+
+def execute(run: Run, scenario: Coroutine[Any, Any, None]) -> None:
+    """Run a scenario into run.result: its exception as ``error``, its ``seconds``."""
     run.save()
     t0 = time.monotonic()
     try:
-        asyncio.run(SCENARIOS[args.scenario](run))
+        asyncio.run(scenario)
     except Exception:
         run.result["error"] = traceback.format_exc()
         print(run.result["error"], flush=True)
     run.result["seconds"] = round(time.monotonic() - t0, 2)
     run.save()
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -156,6 +157,15 @@ class KdamondTask:
             if config is not handed:
                 engine.commit(config)
                 handed = config
+            pause = engine.activation_wait_us()
+            if pause:  # the watermarks have every scheme off: no sampling, as the kernel
+                paused = time.monotonic_ns()
+                if self._gate.acquire(timeout=min(pause / 1e6, threading.TIMEOUT_MAX)):
+                    self._gate.release()
+                    return "stopped"
+                pacer.paused(time.monotonic_ns() - paused)
+                engine.prepare()  # what was marked before the pause is stale
+                continue
             applied = engine.config
             if self._gate.acquire(timeout=pacer.sleep_s(applied.attrs)):
                 self._gate.release()
@@ -233,9 +243,9 @@ def _engine_for(
     registry: ops.Registry,
     wrap_ops: OpsWrapper | None,
 ) -> Engine:
-    """An engine whose space and access check pin the same target processes."""
+    """An engine whose space, access check and actions pin the same target processes."""
     space = config.operations.space(processes)
     access = registry.make_access(config.access_check, processes)
     if wrap_ops is not None:
         space, access = wrap_ops(name, space, access)
-    return Engine(config, space, access)
+    return Engine(config, space, access, actions=registry.make_actions(processes))

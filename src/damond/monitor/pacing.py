@@ -81,6 +81,10 @@ class Pacer:
         self._cpu_mark = now
         self._aggr_samples += 1
 
+    def paused(self, ns: int) -> None:
+        """Sampling stood still for ns (DAMOS watermarks): not the sampler's time."""
+        self._aggr_start += ns
+
     def sleep_s(self, attrs: Attrs) -> float:
         """The sleep before the next check: sample_us, or longer where the ceiling asks.
 

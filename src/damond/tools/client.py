@@ -16,7 +16,10 @@ from dbus_fast.aio import MessageBus
 BUS_NAME = "org.damond1"
 ROOT = "/org/damond1"
 PROPERTIES = "org.freedesktop.DBus.Properties"
-SNAPSHOT_RULE = "type='signal',interface='org.damond1.Context',member='Snapshot'"
+SNAPSHOT_RULE = (
+    f"type='signal',sender='{BUS_NAME}',interface='org.damond1.Context',member='Snapshot'"
+)
+"""Snapshot signals of the daemon: matched on the sending name, so nobody else's count."""
 
 P = ParamSpec("P")
 
@@ -135,3 +138,110 @@ async def start_kdamonds(bus: MessageBus, pids: list[int], **attrs: int) -> None
             await set_property(bus, context, iface, name, signature, value)
     for k in range(len(pids)):
         await set_property(bus, f"{ROOT}/kdamonds/{k}", "org.damond1.Kdamond", "state", "s", "on")
+
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+CONTEXT_INTERFACE = "org.damond1.Context"
+
+
+async def managed_objects(bus: MessageBus) -> dict[str, dict[str, dict[str, Any]]]:
+    """GetManagedObjects with the variants unwrapped: object path → interface → property."""
+    (objects,) = await call(bus, ROOT, OBJECT_MANAGER, "GetManagedObjects")
+    return {
+        path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
+        for path, ifaces in objects.items()
+    }
+
+
+def is_snapshot(msg: Message) -> bool:
+    """A Snapshot signal (the bus delivers those SNAPSHOT_RULE matched)."""
+    return (
+        msg.message_type is MessageType.SIGNAL
+        and msg.interface == CONTEXT_INTERFACE
+        and msg.member == "Snapshot"
+    )
+
+
+async def subscribe_snapshots(
+    bus: MessageBus, on_snapshot: Callable[[str, list[Any]], None], path: str | None = None
+) -> Callable[[], None]:
+    """Call on_snapshot(context path, body) for each Snapshot signal (of one context's path,
+    or of all); returns a function that stops the calls. The match is SNAPSHOT_RULE, so
+    that where and how snapshots are sent is decided in one place."""
+    rule = SNAPSHOT_RULE + (f",path='{path}'" if path is not None else "")
+
+    def handle(msg: Message) -> None:
+        if is_snapshot(msg) and (path is None or msg.path == path) and msg.path is not None:
+            on_snapshot(msg.path, list(msg.body))
+
+    await add_match(bus, rule)
+    bus.add_message_handler(handle)
+    return lambda: bus.remove_message_handler(handle)
+SCHEME_PROPERTIES: dict[str, tuple[str, str]] = {
+    **{n: ("org.damond1.Scheme", s) for n, s in (("action", "s"), ("apply_interval_us", "t"))},
+    **{n: ("org.damond1.AccessPattern", "t") for n in ("sz_min", "sz_max")},
+    **{
+        n: ("org.damond1.AccessPattern", "u")
+        for n in ("nr_accesses_min", "nr_accesses_max", "age_min", "age_max")
+    },
+    **{n: ("org.damond1.Quotas", "t") for n in ("ms", "bytes", "reset_interval_ms")},
+    **{n: ("org.damond1.Quotas", "u") for n in ("weight_sz", "weight_nr_accesses", "weight_age")},
+    "metric": ("org.damond1.Watermarks", "s"),
+    **{n: ("org.damond1.Watermarks", "t") for n in ("interval_us", "high", "mid", "low")},
+}
+"""Each writable file of a scheme by name: its interface and signature."""
+FILTER_PROPERTIES: dict[str, str] = {
+    "type": "s",
+    "matching": "b",
+    "allow": "b",
+    "memcg_path": "s",
+    "addr_start": "t",
+    "addr_end": "t",
+    "target_idx": "u",
+}
+
+
+async def set_scheme(
+    bus: MessageBus,
+    context: str,
+    index: int,
+    filters: tuple[dict[str, Any], ...] = (),
+    **props: Any,
+) -> str:
+    """Write scheme ``index`` of the context (it must exist): its files by name
+    (SCHEME_PROPERTIES), then as many filters as given, each a dict of
+    FILTER_PROPERTIES. The scheme's object path."""
+    path = f"{context}/schemes/{index}"
+    for name, value in props.items():
+        interface, signature = SCHEME_PROPERTIES[name]
+        await set_property(bus, path, interface, name, signature, value)
+    await set_property(bus, path, "org.damond1.Filters", "nr", "u", len(filters))
+    for i, f in enumerate(filters):
+        for name, value in f.items():
+            await set_property(
+                bus,
+                f"{path}/filters/{i}",
+                "org.damond1.Filter",
+                name,
+                FILTER_PROPERTIES[name],
+                value,
+            )
+    return path
+
+
+async def tried_regions(bus: MessageBus, scheme: str) -> list[tuple[int, int, int, int, int]]:
+    """GetTriedRegions of a scheme: (target index, start, end, nr_accesses, age) each."""
+    body = await call(bus, scheme, "org.damond1.Scheme", "GetTriedRegions")
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in body[0]]
+
+
+def covered(ranges: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Bytes of [lo, hi) inside the union of ranges (e.g. the tried regions of several
+    GetTriedRegions calls, which overlap)."""
+    total, at = 0, lo
+    for start, end in sorted(ranges):
+        start, end = max(start, at), min(end, hi)
+        if start < end:
+            total += end - start
+            at = end
+    return total

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from damond.monitor.ops.common import Range
 
@@ -36,8 +36,31 @@ CYAN = "\x1b[36m"
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
+COLUMNS = (
+    "columns: range = the region's addresses (rows of alike neighbours are merged); "
+    "size; access frequency = nr_accesses / max_nr_accesses as a bar; nr = nr_accesses of "
+    "max_nr_accesses samples (a range when merged); age = aggregations the frequency has "
+    "stayed about the same; rgns = regions merged into the row; last = what the range is "
+    "(the demo's hot/cold buffer, or the mapping it lies in)"
+)
+"""What the picture's columns mean, said once above it."""
+
 MINOR_SHARE = 0.01
 """A buffer covering less of a region than this (besides the largest) is not named."""
+
+
+class Labels(Protocol):
+    """What names the regions of one process: the demo's buffers, or its mappings."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def summaries(self) -> Sequence[tuple[str, Range]]:
+        """Named ranges worth a coverage line of their own above the rows."""
+        ...
+
+    def label(self, start: int, end: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,10 @@ class Marks:
             hot=(int(data["hot"][0]), int(data["hot"][1])),
             cold=(int(data["cold"][0]), int(data["cold"][1])),
         )
+
+    @property
+    def summaries(self) -> Sequence[tuple[str, Range]]:
+        return (("hot", self.hot), ("cold", self.cold))
 
     def label(self, start: int, end: int) -> str:
         """The buffers a region lies over, the largest share first ('cold+hot'), or ''.
@@ -288,7 +315,7 @@ def bar(fraction: float, width: int, style: Style) -> str:
 
 
 def merge_rows(
-    regions: Sequence[Region], marks: Marks | None, max_nr: int, levels: int
+    regions: Sequence[Region], marks: Labels | None, max_nr: int, levels: int
 ) -> list[Row]:
     """Rows of touching regions with the same label and rounded frequency."""
     rows: list[Row] = []
@@ -318,7 +345,9 @@ def squeeze(rows: Sequence[Row], limit: int) -> list[Row]:
     return squeezed
 
 
-def compress(regions: Sequence[Region], marks: Marks | None, max_nr: int, budget: int) -> list[Row]:
+def compress(
+    regions: Sequence[Region], marks: Labels | None, max_nr: int, budget: int
+) -> list[Row]:
     """At most ``budget`` rows: those over the workload's buffers first, then the rest.
 
     Tries exact, then coarser frequency rounding; if even zero/non-zero rounding
@@ -386,15 +415,18 @@ def clip(line: str, width: int) -> str:
 
 def render(
     body: Sequence[Any],
-    marks: Marks | None = None,
+    marks: Labels | None = None,
     *,
     access_check: str = "",
     aggr_us: int = 0,
     max_lines: int = 40,
     width: int = 100,
     style: Style | None = None,
+    labels: Mapping[int, Labels] | None = None,
 ) -> list[str]:
     """The lines picturing one snapshot: at most ``max_lines``, each at most ``width``.
+
+    Rows are named by ``marks`` for the target of its pid, or by ``labels`` by pid.
 
     aggr_us, when known, is the aggregation interval the snapshots really have
     (the context's effective_aggr_us): the header says it, and each row says
@@ -424,7 +456,15 @@ def render(
         f"{'nr':>9}  {'age':>7}  {steady}{'rgns':>5}"
     )
     # Per target: its title, the column head, and the hot/cold summaries if marked.
-    fixed = 1 + sum(4 if marks and t.pid == marks.pid else 2 for t in snap.targets)
+
+    def labels_of(pid: int) -> Labels | None:
+        if marks is not None and pid == marks.pid:
+            return marks
+        return labels.get(pid) if labels else None
+
+    fixed = 1 + sum(
+        2 + len(found.summaries) if (found := labels_of(t.pid)) else 2 for t in snap.targets
+    )
     row_budget = max(1, (max_lines - fixed) // len(snap.targets))
     for target in snap.targets:
         total = sum(e - s for s, e, _n, _a in target.regions)
@@ -432,9 +472,9 @@ def render(
             f"target {target.index}  pid {target.pid}  {len(target.regions)} regions  "
             f"{format_size(total)} monitored"
         )
-        mine = marks if marks and target.pid == marks.pid else None
+        mine = labels_of(target.pid)
         if mine:
-            for name, rng in (("hot", mine.hot), ("cold", mine.cold)):
+            for name, rng in mine.summaries:
                 cov = coverage(target.regions, rng, max_nr)
                 lines.append(_summary_line(name, rng, cov, style))
         lines.append(style.paint(column_head, DIM))

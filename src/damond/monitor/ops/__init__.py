@@ -18,10 +18,13 @@ import mmap
 import os
 from collections.abc import Sequence
 
-from damond.monitor.ops import page_idle
+from damond.monitor.config import CORE_FILTER_TYPES, STAT
+from damond.monitor.ops import madvise, page_idle
 from damond.monitor.ops.base import (
     AccessCheck,
     AccessCheckOps,
+    ActionOps,
+    Actions,
     AddressSpace,
     Operations,
     TargetGone,
@@ -41,6 +44,8 @@ __all__ = [
     "REGISTRY",
     "AccessCheck",
     "AccessCheckOps",
+    "ActionOps",
+    "Actions",
     "AddressSpace",
     "Operations",
     "ProcessTable",
@@ -139,6 +144,22 @@ ACCESS_CHECKS: tuple[AccessCheckOps, ...] = (PAGE_IDLE, SOFT_DIRTY, CLEAR_REFS_C
 """Every access check, the most precise first: page_idle sees reads and writes per page,
 soft_dirty writes per page (reads per mapping), clear_refs everything per mapping."""
 
+ACTIONS: tuple[ActionOps, ...] = (
+    ActionOps(STAT, None, lambda: ""),
+    *(
+        ActionOps(name, advice, madvise.probe_advice(advice, name))
+        for name, advice in (
+            ("willneed", madvise.MADV_WILLNEED),
+            ("cold", madvise.MADV_COLD),
+            ("pageout", madvise.MADV_PAGEOUT),
+            ("hugepage", madvise.MADV_COLLAPSE),
+        )
+    ),
+)
+"""The DAMOS actions of the user backend, as process_madvise(2) advice."""
+PROCESS_ACTIONS = tuple(a.name for a in ACTIONS)
+PROCESS_FILTERS = (*CORE_FILTER_TYPES, *madvise.PAGE_FILTERS)
+
 VADDR = Operations(
     "vaddr",
     target_has_pid=True,
@@ -147,6 +168,8 @@ VADDR = Operations(
     needs_regions=False,
     space=VaddrSpace,
     access_checks=("page_idle", "soft_dirty", "clear_refs"),
+    actions=PROCESS_ACTIONS,
+    filter_types=PROCESS_FILTERS,
 )
 FVADDR = Operations(
     "fvaddr",
@@ -156,6 +179,8 @@ FVADDR = Operations(
     needs_regions=True,
     space=FvaddrSpace,
     access_checks=("page_idle", "soft_dirty", "clear_refs"),
+    actions=PROCESS_ACTIONS,
+    filter_types=PROCESS_FILTERS,
 )
 PADDR = Operations(
     "paddr",
@@ -176,10 +201,13 @@ class Registry:
         self,
         operations: Sequence[Operations] = OPERATIONS,
         access_checks: Sequence[AccessCheckOps] = ACCESS_CHECKS,
+        actions: Sequence[ActionOps] = ACTIONS,
     ) -> None:
         self._operations = {o.name: o for o in operations}
         self._checks = {c.name: c for c in access_checks}
+        self._actions = {a.name: a for a in actions}
         self._reasons: dict[str, str] | None = None
+        self._action_reasons: dict[str, str] | None = None
 
     # -- what exists ----------------------------------------------------------------------
 
@@ -215,6 +243,7 @@ class Registry:
     def reset(self) -> None:
         """Probe again at the next question (after the host changed under a test)."""
         self._reasons = None
+        self._action_reasons = None
 
     def available_access_checks(self) -> list[str]:
         return [name for name, reason in self._access_reasons().items() if not reason]
@@ -272,6 +301,38 @@ class Registry:
         if reason:
             raise Unsupported(reason)
         return check.make(processes, seed)
+
+    # -- DAMOS -----------------------------------------------------------------------------
+
+    def available_actions(self, operations: str) -> list[str]:
+        """The DAMOS actions a context of this operations set can do on this host."""
+        return [a for a in self._actions if not self.why_action_unavailable(a, operations)]
+
+    def why_action_unavailable(self, action: str, operations: str) -> str:
+        """Why a context of this operations set cannot do action here; '' when it can."""
+        if action in madvise.USER_SPACE_CANNOT:
+            return f"{action}: {madvise.USER_SPACE_CANNOT[action]}"
+        table = self.operations(operations)
+        if action not in table.actions or action not in self._actions:
+            return (
+                f"{action}: the user backend acts on processes (process_madvise(2)); on "
+                f"{operations} it can only count ({STAT})"
+            )
+        if self._action_reasons is None:
+            self._action_reasons = {name: a.probe() for name, a in self._actions.items()}
+        return self._action_reasons[action]
+
+    def why_filter_unavailable(self, filter_type: str, operations: str) -> str:
+        """Why a context of this operations set cannot honour a filter type; '' when it can."""
+        if filter_type in self.operations(operations).filter_types:
+            return ""
+        why = madvise.PAGE_FILTERS_CANNOT.get(filter_type, f"not for {operations} targets")
+        return f"{filter_type} filter: {why}"
+
+    def make_actions(self, processes: ProcessTable) -> Actions:
+        """The user backend's actions, pinning targets in the given table."""
+        advice = {a.name: a.advice for a in self._actions.values() if a.advice is not None}
+        return madvise.MadviseActions(advice, processes)
 
 
 REGISTRY = Registry()

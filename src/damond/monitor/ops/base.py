@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from damond.monitor.config import TargetConfig
+from damond.monitor.config import CORE_FILTER_TYPES, STAT, FilterConfig, TargetConfig
 
 if TYPE_CHECKING:
     from damond.monitor.ops.process import ProcessTable
@@ -99,6 +99,46 @@ class Operations:
     """The address space, pinning processes in the given table."""
     access_checks: tuple[str, ...]
     """The access checks that can serve it, the most precise first: what auto picks."""
+    actions: tuple[str, ...] = (STAT,)
+    """The DAMOS actions the user backend can do to its targets (where the host allows:
+    each action's ActionOps probe)."""
+    filter_types: tuple[str, ...] = CORE_FILTER_TYPES
+    """The DAMOS filter types it honours: the core's (per region) and its own (per page)."""
+
+
+class Actions(Protocol):
+    """What a DAMOS action does to a target's memory (the kernel's ops.apply_scheme)."""
+
+    def begin(self) -> None:
+        """A new application pass starts: what was read of the targets may have changed."""
+        ...
+
+    def apply(
+        self,
+        target: TargetConfig,
+        action: str,
+        start: int,
+        end: int,
+        filters: tuple[FilterConfig, ...],
+        default_reject: bool,
+    ) -> int:
+        """Do action to [start, end) of target, to the pages the (per page) filters let
+        through (the first filter that matches decides; default_reject for the others);
+        the bytes it was applied to. Failures count as 0 bytes and never raise."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ActionOps:
+    """One DAMOS action of the user backend: how to do it, and whether this host can."""
+
+    name: str
+    advice: int | None
+    """The process_madvise(2) advice; None for the action that does nothing (stat)."""
+    probe: Callable[[], str]
+    """'' when it works on this host (as this user), else why not. Never changes anything."""
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,13 @@ class TargetProcess:
         poller.register(self._pidfd, select.POLLIN)
         return not poller.poll(0)
 
+    @property
+    def pidfd(self) -> int:
+        """The pidfd that pins the process (process_madvise(2) acts through it)."""
+        if self._pidfd < 0:
+            raise TargetGone(self.pid, "is closed")
+        return self._pidfd
+
     def path(self, name: str) -> str:
         """The file's name for messages (we never open by this path)."""
         return f"/proc/{self.pid}/{name}"
