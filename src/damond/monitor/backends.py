@@ -70,6 +70,9 @@ class Backend:
     owns_host_damon: Callable[[], bool] = lambda: False
     """It holds the machine's own kernel DAMON admin tree (whose kdamonds are then its own,
     not another user's to warn about)."""
+    granularity: str = ""
+    """What one access answer stands for where it checks accesses itself (no access
+    check of damond's: the kernel checks each sampled page's accessed bits)."""
 
 
 class Backends:
@@ -163,4 +166,5 @@ def kernel_backend(kernel: KernelDamon) -> Backend:
         ready=kernel.ready,
         start=kernel.start,
         owns_host_damon=kernel.owns_host_damon,
+        granularity="page",
     )
