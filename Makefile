@@ -14,7 +14,8 @@ all: venv
 deps:
 	@scripts/ensure-apt $(APT_PACKAGES)
 
-$(VENV)/.installed: pyproject.toml
+# The C module is built by pip (pyproject.toml's ext-modules): rebuild when it changes.
+$(VENV)/.installed: pyproject.toml src/damond/monitor/ops/_page_idle.c
 	@$(MAKE) --no-print-directory deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

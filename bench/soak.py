@@ -285,6 +285,7 @@ async def run_soak(
                 aggr_us=aggr_us,
                 min=regions,
                 max=regions,
+                cpu_limit_pct=0,  # the load is the nominal rate: no CPU ceiling stretching it
             )
             proc = psutil.Process(daemon.pid)
             bus_proc = psutil.Process(bus.process.pid)

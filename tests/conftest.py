@@ -30,6 +30,9 @@ from damond.tools.privatebus import PrivateBus, spawn_daemon, start_private_bus,
 
 BUS_NAME = "org.damond1"
 ROOT = "/org/damond1"
+MEASURED = frozenset({"effective_sample_us", "effective_aggr_us"})
+"""Context properties that change with every aggregation of a running kdamond (the
+intervals it really had), as a Snapshot does."""
 DAEMON_START_TIMEOUT = float(os.environ.get("DAMOND_TEST_START_TIMEOUT", "15"))
 """Seconds for a daemon to own its name (the test guest, under TCG, needs more)."""
 
@@ -165,13 +168,18 @@ class Damond:
         self.queues.append(queue)
         return queue
 
-    async def managed_objects(self) -> dict[str, Any]:
+    async def managed_objects(self, measured: bool = False) -> dict[str, Any]:
+        """Every object's properties; without the MEASURED ones unless asked, so that
+        "nothing changed" compares what requests change, not a running kdamond's clock."""
         reply = await call(
             self.client, ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"
         )
         assert reply.message_type is MessageType.METHOD_RETURN, reply.body
         return {
-            path: {i: {k: v.value for k, v in props.items()} for i, props in ifaces.items()}
+            path: {
+                i: {k: v.value for k, v in props.items() if measured or k not in MEASURED}
+                for i, props in ifaces.items()
+            }
             for path, ifaces in reply.body[0].items()
         }
 

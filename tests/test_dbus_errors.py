@@ -83,6 +83,15 @@ async def test_on_refuses_bad_attributes(
     assert await damond.get(K0, "org.damond1.Kdamond", "state") == "off"
 
 
+async def test_on_refuses_a_cpu_limit_over_one_cpu(
+    damond: Damond, sleeper: subprocess.Popen[bytes]
+) -> None:
+    await configure(damond, sleeper.pid)
+    await damond.set(C0, "org.damond1.Context", "cpu_limit_pct", "u", 101)
+    await expect_error(damond, state(damond, "on"), INVALID, "cpu_limit_pct", "<= 100", C0)
+    assert await damond.get(K0, "org.damond1.Kdamond", "state") == "off"
+
+
 async def test_on_refuses_missing_and_dead_pids(
     damond: Damond, sleeper: subprocess.Popen[bytes]
 ) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from conftest import KERNEL_BACKEND, ROOT, TEST_BACKEND, Damond, call, is_kdamond_pid, stop_process
 
 from damond.tools.client import start_kdamonds
@@ -40,6 +41,9 @@ def check_snapshot_shape(body: list[Any], pid: int, max_nr: int | None = None) -
         assert nr_accesses <= max_nr_accesses
     for (_, prev_end, _, _), (start, _, _, _) in zip(regions, regions[1:], strict=False):
         assert prev_end <= start, "regions overlap or are unsorted"
+
+
+EFFECTIVE = ("effective_sample_us", "effective_aggr_us")
 
 
 async def test_seed_walkthrough_with_busctl(
@@ -77,6 +81,12 @@ async def test_seed_walkthrough_with_busctl(
         announced = (await context_changes.next()).body[1]
     assert f's "{announced["effective_access_check"].value}"' == effective
     assert f's "{announced["effective_backend"].value}"' == backend
+    # and what one of its answers stands for, said plainly: this host's auto is clear_refs
+    granularity = {"page_idle": "page", "soft_dirty": "page-writes", "clear_refs": "mapping"}
+    expected = "page" if KERNEL_BACKEND else granularity[avail["data"][0]]
+    said = damond.busctl(*context, "access_granularity").stdout.strip()
+    assert said == f's "{expected}"', said
+    assert announced["access_granularity"].value == expected
 
     bodies = [(await snapshots.next(timeout=10)).body for _ in range(12)]
     seqs = [body[0] for body in bodies]
@@ -84,8 +94,12 @@ async def test_seed_walkthrough_with_busctl(
     for body in bodies:
         check_snapshot_shape(body, process.pid, max_nr=100000 // 5000)
     gaps = [b2[1] - b1[1] for b1, b2 in zip(bodies, bodies[1:], strict=False)]
-    # about every aggr_us (100 ms); slower only when sampling itself is slow
-    assert 50_000 < statistics.median(gaps) < 300_000, gaps
+    # about every aggr_us (100 ms), slower only when sampling is slow or over its CPU
+    # ceiling (cpu_limit_pct, 10 % by default); effective_aggr_us says which it is
+    said = [int(damond.busctl(*context, n).stdout.split()[1]) for n in EFFECTIVE]
+    assert said[0] >= 5000 and said[1] >= 100_000, said
+    assert 0.7 * said[1] < statistics.median(gaps) < 1.4 * said[1], (gaps, said)
+    assert statistics.median(gaps) > 50_000, gaps
 
     latest = await call(damond.client, C0, "org.damond1.Context", "GetSnapshot")
     assert latest.signature == "ttua(uia(ttuu))"
@@ -97,6 +111,7 @@ async def test_seed_walkthrough_with_busctl(
     assert damond.busctl(*get, "pid").stdout.strip() == "i -1"
     assert damond.busctl(*context, "effective_access_check").stdout.strip() == 's ""'
     assert damond.busctl(*context, "effective_backend").stdout.strip() == 's ""'
+    assert damond.busctl(*context, "access_granularity").stdout.strip() == 's ""'
 
 
 async def configure_and_start(d: Damond, pid: int, **attrs: int) -> None:
@@ -288,9 +303,12 @@ async def test_a_stalled_bus_costs_snapshots_not_memory(
     damond: Damond, sleeper: subprocess.Popen[bytes]
 ) -> None:
     """The bus stops reading (SIGSTOP) under 1000-region snapshots every ms: the
-    daemon queues a bounded number, drops the rest, and carries on afterwards."""
+    daemon queues a bounded number, drops the rest, and carries on afterwards.
+    No CPU ceiling: the sampler must run flat out to flood the bus."""
     first = await damond.signals(path=C0, interface="org.damond1.Context", member="Snapshot")
-    await configure_and_start(damond, sleeper.pid, sample_us=1000, aggr_us=1000, min=1000, max=1000)
+    await configure_and_start(
+        damond, sleeper.pid, sample_us=1000, aggr_us=1000, min=1000, max=1000, cpu_limit_pct=0
+    )
     await first.next(timeout=10)
     await first.stop()
     seq_before = (await call(damond.client, C0, "org.damond1.Context", "GetSnapshot")).body[0]
@@ -315,3 +333,44 @@ async def test_a_stalled_bus_costs_snapshots_not_memory(
     await damond.set(K0, "org.damond1.Kdamond", "state", "s", "off")
     assert "dropped" in damond.stderr()
     assert "lost the connection" not in damond.stderr()
+
+
+async def test_the_cpu_ceiling_stretches_sampling_and_says_so(damond: Damond) -> None:
+    """clear_refs walks every page of the target each sample: on 70 MiB that costs more
+    than 10 % of a CPU at 5 ms. The default ceiling stretches the interval, the daemon's
+    CPU stays near it, effective_* and the log say so; lifting it (commit) speeds up."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "damond.tools.workload", "--hot-mib", "6", "--cold-mib", "64"],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.readline()
+    try:
+        snapshots = await damond.signals(
+            path=C0, interface="org.damond1.Context", member="Snapshot"
+        )
+        await configure_and_start(damond, process.pid)
+        assert await damond.get(C0, "org.damond1.Context", "cpu_limit_pct") == 10
+        await snapshots.next(timeout=30)  # the first aggregation learns what a sample costs
+        daemon = psutil.Process(damond.process.pid)
+        cpu0, t0 = sum(daemon.cpu_times()[:2]), time.monotonic()
+        bodies = [(await snapshots.next(timeout=30)).body for _ in range(3)]
+        share = (sum(daemon.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+        sample_us, aggr_us = [await damond.get(C0, "org.damond1.Context", n) for n in EFFECTIVE]
+        assert sample_us > 1.2 * 5000, (sample_us, aggr_us)
+        assert aggr_us == pytest.approx(20 * sample_us, rel=0.01)
+        gaps = [b2[1] - b1[1] for b1, b2 in zip(bodies, bodies[1:], strict=False)]
+        assert statistics.median(gaps) == pytest.approx(aggr_us, rel=0.3), (gaps, aggr_us)
+        assert share < 0.15, f"the daemon used {share:.0%} of a CPU under a 10 % ceiling"
+        log = damond.stderr()
+        assert "kdamond 0 falls behind: a sample every" in log, log
+        assert "cpu_limit_pct 10 stretches the interval" in log, log
+
+        await damond.set(C0, "org.damond1.Context", "cpu_limit_pct", "u", 0)
+        await damond.set(K0, "org.damond1.Kdamond", "state", "s", "commit")
+        for _ in range(3):  # the commit applies at an aggregation; the next one is free
+            await snapshots.next(timeout=30)
+        unlimited = await damond.get(C0, "org.damond1.Context", "effective_sample_us")
+        assert unlimited < sample_us / 1.5, (unlimited, sample_us)
+    finally:
+        stop_process(process)

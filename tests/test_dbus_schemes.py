@@ -106,8 +106,9 @@ def resident(pid: int, start: int, end: int) -> int:
 
 
 async def one_scheme(d: Damond, pid: int, **attrs: int) -> None:
-    """kdamond 0 monitoring pid, configured but off, with one scheme (defaults)."""
-    await start_kdamonds(d.client, [pid], TEST_BACKEND, **attrs)
+    """kdamond 0 monitoring pid, configured but off, with one scheme (defaults). No CPU
+    ceiling unless asked: the tests count their seconds in aggregations at the asked pace."""
+    await start_kdamonds(d.client, [pid], TEST_BACKEND, **{"cpu_limit_pct": 0, **attrs})
     await d.set(K0, "org.damond1.Kdamond", "state", "s", "off")
     await d.set(C0, "org.damond1.Schemes", "nr", "u", 1)
 

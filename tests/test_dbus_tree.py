@@ -24,6 +24,10 @@ CONTRACT = {
             "backend": ("s", "readwrite"),
             "avail_backends": ("as", "read"),
             "effective_backend": ("s", "read"),
+            "access_granularity": ("s", "read"),
+            "cpu_limit_pct": ("u", "readwrite"),
+            "effective_sample_us": ("t", "read"),
+            "effective_aggr_us": ("t", "read"),
         },
         "org.damond1.Intervals": {
             "sample_us": ("t", "readwrite"),
@@ -104,6 +108,10 @@ DEFAULTS = {
     ("org.damond1.Context", "effective_access_check"): "",
     ("org.damond1.Context", "backend"): "auto",
     ("org.damond1.Context", "effective_backend"): "",
+    ("org.damond1.Context", "access_granularity"): "",
+    ("org.damond1.Context", "cpu_limit_pct"): 10,
+    ("org.damond1.Context", "effective_sample_us"): 0,
+    ("org.damond1.Context", "effective_aggr_us"): 0,
     ("org.damond1.Intervals", "sample_us"): 5000,
     ("org.damond1.Intervals", "aggr_us"): 100000,
     ("org.damond1.Intervals", "update_us"): 60000000,
@@ -202,6 +210,17 @@ async def test_introspection_matches_contract(damond: Damond) -> None:
     method = iface.find("method[@name='GetSnapshot']")
     assert method is not None
     assert "".join(a.get("type") or "" for a in method.findall("arg")) == "ttua(uia(ttuu))"
+    # the effective intervals change with every aggregation: never announced, and said so
+    unannounced = {
+        p.get("name")
+        for p in iface.findall("property")
+        if any(
+            a.get("name") == "org.freedesktop.DBus.Property.EmitsChangedSignal"
+            and a.get("value") == "false"
+            for a in p.findall("annotation")
+        )
+    }
+    assert unannounced == {"effective_sample_us", "effective_aggr_us"}
     scheme = await introspect(damond, S0)
     iface = next(i for i in scheme.findall("interface") if i.get("name") == "org.damond1.Scheme")
     method = iface.find("method[@name='GetTriedRegions']")

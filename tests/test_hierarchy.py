@@ -118,19 +118,25 @@ def test_on_off_commit_cycle(tree: Any) -> None:
     kd.set("kdamond", "state", "on")
     assert kd.get("kdamond", "state") == "on" and kd.get("kdamond", "pid") == os.getpid()
     config = monitors[0].configs[0]
+    granularity = t.registry.access_check(config.access_check).granularity
     assert recorder.events == [
         (
             "changed",
             "kdamonds/0/contexts/0",
             (
                 "context",
-                {"effective_access_check": config.access_check, "effective_backend": "user"},
+                {
+                    "effective_access_check": config.access_check,
+                    "access_granularity": granularity,
+                    "effective_backend": "user",
+                },
             ),
         ),
         ("changed", "kdamonds/0", ("kdamond", {"state": "on", "pid": os.getpid()})),
     ]
     assert ctx.get("context", "effective_access_check") == config.access_check
     assert ctx.get("context", "effective_backend") == config.backend == "user"
+    assert ctx.get("context", "access_granularity") in ("page", "page-writes", "mapping")
     assert config.operations is ops.VADDR and config.targets[0].pid == os.getpid()
     assert config.access_check in t.registry.available_access_checks()
 
@@ -339,6 +345,7 @@ class StandIn:
             why_filter_unavailable=lambda f, operations: self.cannot.get(f.type, "")
             or (self.cannot.get("allow", "") if f.allow else ""),
             start=started,
+            granularity="page",
         )
 
 
@@ -364,7 +371,14 @@ def test_auto_picks_the_kernel_where_it_can_run_the_context(with_kernel: Any) ->
     assert recorder.events[0] == (
         "changed",
         "kdamonds/0/contexts/0",
-        ("context", {"effective_access_check": "", "effective_backend": "kernel"}),
+        (
+            "context",
+            {
+                "effective_access_check": "",
+                "access_granularity": "page",
+                "effective_backend": "kernel",
+            },
+        ),
     )
     kd.set("kdamond", "state", "off")
     # another tool took the tree meanwhile: auto falls back, kernel is refused saying why

@@ -126,12 +126,16 @@ def _interface(node_type: type[Node], group: str) -> intr.Interface:
     return _INTERFACE_XML[key]
 
 
+EMITS_CHANGED = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+
+
 def _build_interface(node_type: type[Node], group: str) -> intr.Interface:
     props = [
         intr.Property(
             a.name,
             SIGNATURES[a.kind],
             PropertyAccess.READWRITE if a.writable else PropertyAccess.READ,
+            annotations=None if a.emits_changed else {EMITS_CHANGED: "false"},
         )
         for a in node_type.GROUPS[group]
     ]

@@ -90,6 +90,9 @@ class Attribute:
     default: Any = None
     announces: bool = False
     """The write emits PropertiesChanged itself (state: on/off change more than one file)."""
+    emits_changed: bool = True
+    """False for a file that changes with every aggregation: no PropertiesChanged is
+    sent for it (introspection says so), clients read it when they need it."""
 
     @property
     def writable(self) -> bool:
@@ -135,9 +138,11 @@ class Method:
     call: Callable[[Any], Any]
 
 
-def computed(name: str, kind: str, read: Callable[[Any], Any]) -> Attribute:
+def computed(
+    name: str, kind: str, read: Callable[[Any], Any], emits_changed: bool = True
+) -> Attribute:
     """A read-only file computed from the node."""
-    return Attribute(name, kind, read)
+    return Attribute(name, kind, read, emits_changed=emits_changed)
 
 
 def nr_of(collection: str, check: Callable[[Any, int], None] | None = None) -> Attribute:
@@ -593,8 +598,27 @@ def _effective_backend(context: Context) -> str:
     return config.backend if config is not None else ""
 
 
-EFFECTIVE = {"effective_access_check": _effective_access_check}
-EFFECTIVE["effective_backend"] = _effective_backend
+def _access_granularity(context: Context) -> str:
+    """What one access answer of the running context stands for ('' while off): its
+    access check's, or its backend's where that checks accesses itself."""
+    config = _running_config(context)
+    if config is None:
+        return ""
+    if config.access_check:
+        return context.tree.registry.access_check(config.access_check).granularity
+    return context.tree.backends.get(config.backend).granularity
+
+
+def _latest_pace(field: str) -> Callable[[Context], int]:
+    """An effective interval of the latest snapshot (0 before the first after on)."""
+    return lambda context: getattr(context.latest, field) if context.latest is not None else 0
+
+
+EFFECTIVE = {
+    "effective_access_check": _effective_access_check,
+    "access_granularity": _access_granularity,
+    "effective_backend": _effective_backend,
+}
 """The read-only files that say what `auto` resolved to while on: announced with the state."""
 
 
@@ -613,6 +637,12 @@ class Context(Node):
             stored("backend", "str", backends.AUTO, check=_check_backend),
             computed("avail_backends", "strlist", lambda c: c.tree.backends.available()),
             computed("effective_backend", "str", _effective_backend),
+            computed("access_granularity", "str", _access_granularity),
+            stored("cpu_limit_pct", "u32", DEFAULT_ATTRS.cpu_limit_pct),
+            computed(
+                "effective_sample_us", "u64", _latest_pace("effective_sample_us"), False
+            ),
+            computed("effective_aggr_us", "u64", _latest_pace("effective_aggr_us"), False),
         ),
         "intervals": (
             stored("sample_us", "u64", DEFAULT_ATTRS.sample_us),
@@ -636,6 +666,7 @@ class Context(Node):
     update_us: int
     min_nr_regions: int
     max_nr_regions: int
+    cpu_limit_pct: int
 
     def __init__(self, tree: Tree, path: str, parent: Node) -> None:
         super().__init__(tree, path, parent)
@@ -674,6 +705,7 @@ class Context(Node):
             update_us=self.update_us,
             min_nr_regions=self.min_nr_regions,
             max_nr_regions=self.max_nr_regions,
+            cpu_limit_pct=self.cpu_limit_pct,
         )
         self._checked(attrs.validate)
         registry = self.tree.registry

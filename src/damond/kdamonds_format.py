@@ -191,7 +191,9 @@ def _context(value: Any, where: str) -> ContextSpec:
     for attr in t.stored_files(Context, "context"):
         key = "ops" if attr.name == OPERATIONS else attr.name
         given = kv.get(key, attr.default)
-        if not isinstance(given, str):
+        if attr.kind != "str":  # a number of damond's (cpu_limit_pct), written as damo's
+            given = number(given, f"{where}.{key}")
+        elif not isinstance(given, str):
             raise FormatError(f"{where}.{key}", f"must be a string, not {given!r}")
         values.append(("context", attr.name, given))
     for group, keys in DAMO_CONTEXT_KEYS.items():

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from damond.hierarchy import Context, Kdamond, Node, Tree
+from damond.monitor.pacing import BEHIND_RATIO
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class ServiceStatus:
     def __init__(self, tree: Tree) -> None:
         self.tree = tree
         self._regions: dict[str, int] = {}
+        self._aggr_us: dict[str, int] = {}
+        """By context: how long its latest aggregation really took."""
         self._last = 0.0
         self.text = ""
         self.config_problem = ""
@@ -112,12 +115,14 @@ class ServiceStatus:
         for kdamond in running:
             config = kdamond.running_config
             assert config is not None
-            regions = self._regions.get(kdamond.child_path("contexts", 0))
+            context = kdamond.child_path("contexts", 0)
+            regions = self._regions.get(context)
             # who samples: damond's access check, or the kernel's DAMON ("vaddr/kernel")
             parts.append(
                 f"{kdamond.path} {config.operations.name}/{config.access_check or config.backend} "
                 f"{len(config.targets)} target(s)"
                 + (f" {regions} regions" if regions is not None else "")
+                + _falling_behind(self._aggr_us.get(context, 0), config.attrs.aggr_us)
             )
         return f"{len(running)} kdamond(s) on: " + "; ".join(parts)
 
@@ -134,12 +139,25 @@ class ServiceStatus:
     def node_removed(self, node: Node) -> None:
         if isinstance(node, Context):
             self._regions.pop(node.path, None)
+            self._aggr_us.pop(node.path, None)
 
     def properties_changed(self, node: Node, group: str, changed: dict[str, Any]) -> None:
         if isinstance(node, Kdamond) and "state" in changed:
+            self._aggr_us.pop(node.child_path("contexts", 0), None)  # a new run's pace
             self.update()
 
     def snapshot(self, context: Context, snapshot: Snapshot) -> None:
         self._regions[context.path] = sum(len(t.starts) for t in snapshot.targets)
+        self._aggr_us[context.path] = snapshot.effective_aggr_us
         if time.monotonic() - self._last >= STATUS_MIN_PERIOD_S:
             self.update()
+
+
+def _falling_behind(effective_aggr_us: int, aggr_us: int) -> str:
+    """', behind: …' when aggregations take more than BEHIND_RATIO times aggr_us."""
+    if effective_aggr_us <= BEHIND_RATIO * aggr_us:
+        return ""
+    return (
+        f", behind: a Snapshot every {effective_aggr_us / 1000:g} ms "
+        f"(aggr_us asks {aggr_us / 1000:g} ms)"
+    )

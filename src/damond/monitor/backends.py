@@ -77,6 +77,9 @@ class Backend:
     owns_host_damon: Callable[[], bool] = lambda: False
     """It holds the machine's own kernel DAMON admin tree (whose kdamonds are then its own,
     not another user's to warn about)."""
+    granularity: str = ""
+    """What one access answer stands for where it checks accesses itself (no access
+    check of damond's: the kernel checks each sampled page's accessed bits)."""
 
     def available_actions(self, operations: str) -> list[str]:
         """The DAMOS actions it can do to a context of this operations set here."""
@@ -210,4 +213,5 @@ def kernel_backend(kernel: KernelDamon, registry: ops.Registry = ops.REGISTRY) -
         ),
         start=kernel.start,
         owns_host_damon=kernel.owns_host_damon,
+        granularity="page",
     )

@@ -28,6 +28,8 @@ the engine's memory and a Snapshot (24 bytes a region: 240 KB, marshalled in
 about 11 ms)."""
 MAX_REGION_END = 2**64 - PAGE_SIZE
 """A region's end must stay representable once aligned up to a page."""
+DEFAULT_CPU_LIMIT_PCT = 10
+"""cpu_limit_pct's default: a tenth of one CPU for a context's sampling (monitor/pacing.py)."""
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 
@@ -68,13 +70,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Attrs:
-    """monitoring_attrs: intervals in microseconds and the region count bounds."""
+    """monitoring_attrs: intervals in microseconds and the region count bounds; and
+    damond's CPU ceiling for sampling them."""
 
     sample_us: int = 5000
     aggr_us: int = 100_000
     update_us: int = 60_000_000
     min_nr_regions: int = 10
     max_nr_regions: int = 1000
+    cpu_limit_pct: int = DEFAULT_CPU_LIMIT_PCT
+    """The most of one CPU, in percent, the sampling may use (averaged over an
+    aggregation; 0: no limit): beyond it the interval between samples grows."""
 
     @property
     def samples_per_aggregation(self) -> int:
@@ -104,6 +110,12 @@ class Attrs:
             )
         if self.update_us <= 0:
             raise ConfigError("", "intervals update_us must be > 0")
+        if not 0 <= self.cpu_limit_pct <= 100:
+            raise ConfigError(
+                "",
+                f"cpu_limit_pct must be <= 100 (percent of one CPU; 0: no limit), "
+                f"is {self.cpu_limit_pct}",
+            )
         if self.max_nr_regions > MAX_NR_REGIONS:
             raise ConfigError(
                 "",

@@ -436,10 +436,13 @@ class KernelMonitor:
             return
         config = self._config_at(aggregation.ts)
         self._seq += 1
+        # the interval the kernel really had: the time since its last aggregation
+        aggr_us = (aggregation.ts - self._last_ts) // 1000 if self._last_ts else 0
         if self._lost and self._last_ts:
             # say how many aggregations went with the lost records: a seq gap
             interval = config.attrs.aggr_us * 1000
             self._seq += max(0, round((aggregation.ts - self._last_ts) / interval) - 1)
+            aggr_us = 0  # spans lost aggregations: not one interval
         self._lost = False
         self._last_ts = aggregation.ts
         pids = {t.index: t.pid for t in config.targets if t.index not in self._gone}
@@ -460,6 +463,8 @@ class KernelMonitor:
                 config.attrs.samples_per_aggregation,
                 targets,
                 self._schemes.results(aggregation.ts, config),
+                effective_sample_us=aggr_us // config.attrs.samples_per_aggregation,
+                effective_aggr_us=aggr_us,
             )
         )
         self._read_stats(config)

@@ -78,6 +78,11 @@ class Snapshot:
     targets: tuple[TargetSnapshot, ...]
     schemes: tuple[SchemeResult, ...] = ()
     """The context's schemes after this aggregation's application (not in the signal)."""
+    effective_sample_us: int = 0
+    """The wall time between two of its samples, really (0: not measured)."""
+    effective_aggr_us: int = 0
+    """The wall time the aggregation really took (0: not measured). Neither is on
+    the wire: the Context's effective_* properties say them."""
 
     def as_dbus(self) -> list:
         """(t t u a(uia(ttuu))): the wire shape of Snapshot and GetSnapshot."""

@@ -109,15 +109,23 @@ async def set_property(
     await call(bus, path, PROPERTIES, "Set", "ssv", [interface, name, Variant(signature, value)])
 
 
+ATTRIBUTE_HOMES = {
+    "min": ("org.damond1.NrRegions", "t"),
+    "max": ("org.damond1.NrRegions", "t"),
+    "cpu_limit_pct": ("org.damond1.Context", "u"),
+}
+"""A context attribute's interface and signature, where it is not an Intervals' t."""
+
+
 async def start_kdamonds(
     bus: MessageBus, pids: list[int], backend: str = "auto", **attrs: int
 ) -> None:
     """Kdamond k monitors pids[k] (vaddr, one context, one target); then all turn on.
 
-    attrs are the context's Intervals (sample_us, aggr_us, update_us) and
-    NrRegions (min, max) to set, by property name; backend the context's
-    backend. Every kdamond is configured before the first starts, so none
-    samples while the others are still being set up.
+    attrs are the context's Intervals (sample_us, aggr_us, update_us),
+    NrRegions (min, max) and cpu_limit_pct to set, by property name; backend
+    the context's backend. Every kdamond is configured before the first
+    starts, so none samples while the others are still being set up.
     """
     await set_property(bus, ROOT, "org.damond1.Kdamonds", "nr", "u", len(pids))
     for k, pid in enumerate(pids):
@@ -128,8 +136,8 @@ async def start_kdamonds(
         await set_property(bus, context, "org.damond1.Targets", "nr", "u", 1)
         await set_property(bus, f"{context}/targets/0", "org.damond1.Target", "pid", "i", pid)
         for name, value in attrs.items():
-            iface = "org.damond1.NrRegions" if name in ("min", "max") else "org.damond1.Intervals"
-            await set_property(bus, context, iface, name, "t", value)
+            iface, signature = ATTRIBUTE_HOMES.get(name, ("org.damond1.Intervals", "t"))
+            await set_property(bus, context, iface, name, signature, value)
     for k in range(len(pids)):
         await set_property(bus, f"{ROOT}/kdamonds/{k}", "org.damond1.Kdamond", "state", "s", "on")
 

@@ -45,15 +45,25 @@ HOT_MIB, COLD_MIB = 8, 56
 NAME_TIMEOUT_S = 10.0
 WORKLOAD_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
+FIRST_SNAPSHOT_TIMEOUT_S = 30.0
+EFFECTIVE = ("effective_sample_us", "effective_aggr_us")
+PACE_REFRESH_S = 2.0
+"""effective_aggr_us is read again this often (it is not announced: it changes with every
+aggregation)."""
 
 GRANULARITY = {
-    "clear_refs": (
-        "per mapping: each sample clears the referenced bits and reads smaps, so a "
-        "region's sampled page counts as accessed with its mapping's Referenced fraction "
-        "(hot and cold parts of one mapping look alike)"
+    "mapping": (
+        "per mapping: each sample clears the referenced bits and reads smaps; a mapping "
+        "whose share f of pages was referenced counts as accessed, all its sampled pages "
+        "at once, in a share f of the samples (hot and cold parts of one mapping look alike)"
     ),
-    "page_idle": "per page: each sampled page's own idle bit says whether it was accessed",
+    "page-writes": (
+        "writes per page (each sampled page's soft-dirty bit), reads per mapping (smaps' "
+        "Referenced, less the written pages)"
+    ),
+    "page": "per page: each sampled page's own idle bit says whether it was accessed",
 }
+"""What the access check's answers stand for, by the context's access_granularity."""
 
 
 class DemoError(Exception):
@@ -253,33 +263,73 @@ async def describe_access_check(bus: MessageBus) -> str:
     asked = await get_property(bus, CONTEXT, "org.damond1.Context", "access_check")
     avail = await get_property(bus, CONTEXT, "org.damond1.Context", "avail_access_checks")
     check = str(await get_property(bus, CONTEXT, "org.damond1.Context", "effective_access_check"))
+    granularity = await get_property(bus, CONTEXT, "org.damond1.Context", "access_granularity")
     shown = check if check == asked else f"{asked} -> {check}"
     print(f"access_check {shown} (available: {', '.join(avail) or 'none'})")
-    print(f"  {GRANULARITY.get(check, 'granularity unknown to this demo')}")
+    print(f"  granularity {granularity}: {GRANULARITY.get(granularity, 'unknown to this demo')}")
     return check
 
 
+async def describe_pace(bus: MessageBus, feed: Feed) -> int:
+    """After the first Snapshot: the intervals asked and those sampling really has (with the
+    CPU ceiling that may stretch them); returns effective_aggr_us."""
+    try:
+        await asyncio.wait_for(feed.arrived.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
+    except TimeoutError:
+        raise DemoError(f"no Snapshot within {FIRST_SNAPSHOT_TIMEOUT_S:g} s") from None
+    asked = [
+        await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
+        for n in ("sample_us", "aggr_us")
+    ]
+    real = [await get_property(bus, CONTEXT, "org.damond1.Context", n) for n in EFFECTIVE]
+    limit = await get_property(bus, CONTEXT, "org.damond1.Context", "cpu_limit_pct")
+    print(
+        f"sampling every {real[0] / 1000:.1f} ms (asked {asked[0] / 1000:g} ms), "
+        f"a Snapshot every {real[1] / 1000:.0f} ms (asked {asked[1] / 1000:g} ms); "
+        + (f"cpu_limit_pct {limit} % of one CPU" if limit else "no CPU ceiling")
+    )
+    if real[1] > 1.2 * asked[1]:
+        print("  sampling is slower than asked: the times below use the real interval")
+    return int(real[1])
+
+
+async def follow_pace(bus: MessageBus, pace: dict[str, int]) -> None:
+    """Keep pace["aggr_us"] at the context's effective_aggr_us (read every few seconds)."""
+    while True:
+        await asyncio.sleep(PACE_REFRESH_S)
+        with contextlib.suppress(DBusError):
+            pace["aggr_us"] = await get_property(bus, CONTEXT, "org.damond1.Context", EFFECTIVE[1])
+
+
 async def watch(
+    bus: MessageBus,
     feed: Feed,
     marks: Marks,
     check: str,
     seconds: float | None,
     children: dict[str, asyncio.subprocess.Process],
+    aggr_us: int,
 ) -> None:
-    """Draw snapshots until the time is up; a child that exits ends the demo."""
+    """Draw snapshots until the time is up; a child that exits ends the demo. Ages are
+    shown as durations with the aggregation interval sampling really has."""
 
     def children_live() -> None:
         for name, process in children.items():
             if process.returncode is not None:
                 raise DemoError(f"the {name} exited with status {process.returncode}")
 
-    await live.watch(
-        feed,
-        "damond demo",
-        seconds,
-        lambda screen, body: screen.picture(body, marks, check),
-        children_live,
-    )
+    pace = {"aggr_us": aggr_us}
+    follower = asyncio.ensure_future(follow_pace(bus, pace))
+    try:
+        await live.watch(
+            feed,
+            "damond demo",
+            seconds,
+            lambda screen, body: screen.picture(body, marks, check, aggr_us=pace["aggr_us"]),
+            children_live,
+        )
+    finally:
+        follower.cancel()
 
 
 def verdict(body: list[Any] | None, marks: Marks) -> str:
@@ -347,15 +397,11 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
     kpid = await get_property(bus, KDAMOND, "org.damond1.Kdamond", "pid")
     print(f"kdamond 0: state on (pid {kpid})")
     check = await describe_access_check(bus)
-    intervals = [
-        await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
-        for n in ("sample_us", "aggr_us")
-    ]
-    print(f"sampling every {intervals[0] / 1000:g} ms, a Snapshot every {intervals[1] / 1000:g} ms")
+    aggr_us = await describe_pace(bus, feed)
     print(textwrap.fill(COLUMNS, 100))
 
     try:
-        await watch(feed, marks, check, seconds, {"workload": workload})
+        await watch(bus, feed, marks, check, seconds, {"workload": workload}, aggr_us)
     finally:
         print(verdict(feed.latest, marks))
 

@@ -67,13 +67,16 @@ class Screen:
         marks: Labels | None,
         check: str,
         labels: Mapping[int, Labels] | None = None,
+        aggr_us: int = 0,
     ) -> list[str]:
+        """render()'s picture; aggr_us: the context's effective_aggr_us, when known."""
         size = shutil.get_terminal_size((100, 40))
         if self.tty:
             return render(
                 body,
                 marks,
                 access_check=check,
+                aggr_us=aggr_us,
                 max_lines=size.lines - 2,
                 width=size.columns,
                 style=Style(color=True, ascii_only=not _utf8()),
@@ -83,6 +86,7 @@ class Screen:
             body,
             marks,
             access_check=check,
+            aggr_us=aggr_us,
             max_lines=16,
             width=100,
             style=Style(ascii_only=not _utf8()),

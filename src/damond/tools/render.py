@@ -253,6 +253,24 @@ def format_size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_duration(seconds: float) -> str:
+    """A short duration: '350ms', '2.4s', '3.0min', '1.5h'."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def steady_for(age_min: int, age_max: int, aggr_us: int) -> str:
+    """How long a row's access frequency has held: its ages times the real aggregation
+    interval (effective_aggr_us), not the asked one, which a slowed sampler exceeds."""
+    low, high = (format_duration(a * aggr_us / 1e6) for a in (age_min, age_max))
+    return low if low == high else f"{low}-{high}"
+
+
 def format_time(timestamp_us: int) -> str:
     """Local wall-clock time of a snapshot, to the millisecond."""
     return datetime.fromtimestamp(timestamp_us / 1e6).strftime("%H:%M:%S.%f")[:-3]
@@ -349,7 +367,9 @@ def compress(
     return marked + squeeze(other, budget - len(marked))
 
 
-def _row_line(row: Row, max_nr: int, addr_width: int, bar_width: int, style: Style) -> str:
+def _row_line(
+    row: Row, max_nr: int, addr_width: int, bar_width: int, style: Style, aggr_us: int = 0
+) -> str:
     fraction = row.mean_nr / max_nr if max_nr else 0.0
     span = f"{row.start:x}-{row.end:x}".rjust(addr_width)
     if row.nr_min == row.nr_max:
@@ -360,9 +380,10 @@ def _row_line(row: Row, max_nr: int, addr_width: int, bar_width: int, style: Sty
     count = f"x{row.count}" if row.count > 1 else ""
     label_color = {"hot": RED, "cold": BLUE}.get(row.label, YELLOW)
     label = style.paint(row.label, BOLD, label_color) if row.label else ""
+    steady = f"{steady_for(row.age_min, row.age_max, aggr_us):>13}  " if aggr_us else ""
     return (
         f"  {span}  {format_size(row.size):>10}  {bar(fraction, bar_width, style)} "
-        f"{nr:>9}  {age:>7}  {count:>5}  {label}"
+        f"{nr:>9}  {age:>7}  {steady}{count:>5}  {label}"
     ).rstrip()
 
 
@@ -397,6 +418,7 @@ def render(
     marks: Labels | None = None,
     *,
     access_check: str = "",
+    aggr_us: int = 0,
     max_lines: int = 40,
     width: int = 100,
     style: Style | None = None,
@@ -404,7 +426,12 @@ def render(
 ) -> list[str]:
     """The lines picturing one snapshot: at most ``max_lines``, each at most ``width``.
 
-    Rows are named by ``marks`` for the target of its pid, or by ``labels`` by pid."""
+    Rows are named by ``marks`` for the target of its pid, or by ``labels`` by pid.
+
+    aggr_us, when known, is the aggregation interval the snapshots really have
+    (the context's effective_aggr_us): the header says it, and each row says
+    for how long its frequency has held (age × aggr_us).
+    """
     style = style or Style()
     snap = parse(body)
     max_nr = snap.max_nr_accesses
@@ -414,16 +441,19 @@ def render(
     )
     if access_check:
         header += f"  access check {access_check}"
+    if aggr_us:
+        header += f"  a Snapshot every {format_duration(aggr_us / 1e6)}"
     lines = [style.paint(header, BOLD)]
     if not snap.targets:
         return [clip(line, width) for line in lines + ["  (no targets)"]]
     addr_width = max(
         (len(f"{s:x}-{e:x}") for t in snap.targets for s, e, _n, _a in t.regions), default=0
     )
-    bar_width = max(8, min(30, width - addr_width - 54))
+    bar_width = max(8, min(30, width - addr_width - 54 - (15 if aggr_us else 0)))
+    steady = f"{'held for':>13}  " if aggr_us else ""
     column_head = (
         f"  {'range':<{addr_width}}  {'size':>10}  {'access frequency':<{bar_width}} "
-        f"{'nr':>9}  {'age':>7}  {'rgns':>5}"
+        f"{'nr':>9}  {'age':>7}  {steady}{'rgns':>5}"
     )
     # Per target: its title, the column head, and the hot/cold summaries if marked.
 
@@ -452,5 +482,5 @@ def render(
             lines.append("  (no regions)")
             continue
         rows = compress(target.regions, mine, max_nr, row_budget)
-        lines.extend(_row_line(r, max_nr, addr_width, bar_width, style) for r in rows)
+        lines.extend(_row_line(r, max_nr, addr_width, bar_width, style, aggr_us) for r in rows)
     return [clip(line, width) for line in lines]

@@ -2,7 +2,7 @@
 
 Like the kernel's struct damon_operations, the engine (monitor/engine.py) calls
 only two small interfaces, AddressSpace and AccessCheck; each operations set
-(vaddr, fvaddr, paddr) and each access check (page_idle, clear_refs) is
+(vaddr, fvaddr, paddr) and each access check (page_idle, soft_dirty, clear_refs) is
 described by one table, Operations or AccessCheckOps, which says everything
 the rest of damond may know of it. The tables are filled in ops/__init__.py.
 """
@@ -163,7 +163,8 @@ class AccessCheckOps:
 
     name: str
     granularity: str
-    """What one answer stands for ("page", or "mapping" where only per-mapping counts exist)."""
+    """What one answer stands for: "page" (reads and writes per page), "page-writes"
+    (writes per page, reads per mapping) or "mapping" (only per-mapping counts exist)."""
     probe: Callable[[], str]
     """'' when it works on this host (as this user), else why not. Never changes anything."""
     make: Callable[[ProcessTable, int | None], AccessCheck]

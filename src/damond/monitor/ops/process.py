@@ -13,7 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import select
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from damond.monitor.ops.base import TargetGone
@@ -260,3 +261,17 @@ class ProcessHolder:
     def close(self) -> None:
         if self._owns_processes:
             self.processes.close()
+
+
+@contextmanager
+def gone_when_missing(proc: TargetProcess | None) -> Iterator[None]:
+    """ESRCH or ENOENT from a proc file of proc: the process has gone (TargetGone).
+
+    For the reads made through a cached fd (pagemap) rather than TargetProcess.read.
+    """
+    try:
+        yield
+    except OSError as e:
+        if proc is not None and e.errno in _GONE_ERRNOS:
+            raise TargetGone(proc.pid) from e
+        raise

@@ -61,6 +61,12 @@ def _monitoring_options(parser: argparse.ArgumentParser, with_ops: bool) -> None
     group.add_argument(
         "--backend", metavar="NAME", help="auto, user or kernel, where the daemon offers a choice"
     )
+    group.add_argument(
+        "--cpu-limit",
+        dest="cpu_limit",
+        metavar="PCT",
+        help="most of one CPU the sampling may use, in percent (default 10; 0: no limit)",
+    )
 
 
 def _sub(

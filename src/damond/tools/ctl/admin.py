@@ -216,6 +216,7 @@ def _given(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
         ("intervals", "update_us", "--update", args.update, fmt.time_us),
         ("nr_regions", "min", "--min", args.min, fmt.number),
         ("nr_regions", "max", "--max", args.max, fmt.number),
+        ("context", "cpu_limit_pct", "--cpu-limit", args.cpu_limit, fmt.number),
     ]
     for group, name, option, value, convert in numbers:
         if value is not None:
