@@ -1,6 +1,6 @@
-"""Runs INSIDE the test guest: DAMOS pageout by damond's user backend, by damond on its
-kernel backend, then by the guest kernel's own DAMOS, on the same workload in the same
-boot.
+"""Runs INSIDE the test guest: DAMOS pageout by damond's user backend, by the guest
+kernel's own DAMOS, then by damond on its kernel backend, on the same workload in the
+same boot.
 
     python tests/vm/damos.py OUT.json [--throughput-s SECONDS]
 
@@ -9,10 +9,10 @@ of anonymous memory in one mapping, 4 KiB pages, the first half written on
 every pass, a 5 ms pause and a TLB flush between passes). Each monitor gets a
 fresh workload process and the same scheme: pageout regions with no access
 for IDLE_AGGREGATIONS aggregations (2 s at the default 5 ms / 100 ms).
-damond runs first (page_idle, the user backend: process_madvise), then damond
-with `backend kernel` (the scheme written into the kernel's schemes/, its
-stats and tried regions read back over D-Bus), then the kernel's DAMON
-through its sysfs, one after the other: each disturbs the others' accessed
+damond runs first (page_idle, the user backend: process_madvise), then the
+kernel's DAMON through its sysfs, then damond with `backend kernel` (the
+scheme written into the kernel's schemes/, its stats and tried regions read
+back over D-Bus), one after the other: each disturbs the others' accessed
 bits. Residency is read from the workload's pagemap (present: bit 63,
 swapped: bit 62) at every damond snapshot and every 0.2 s under the kernel,
 until COLD_DONE of the cold half is swapped or the phase times out.
@@ -321,12 +321,12 @@ async def scenario(run: sc.Run, throughput_s: float, pause_ms: float) -> None:
     run.result["workload_pause_ms"] = pause_ms
     run.save()
     await run.phase("damond", lambda r: damond_phase(run, throughput_s, pause_ms, r))
+    await run.phase("kernel", lambda r: kernel_phase(throughput_s, pause_ms, r))
     if not throughput_s:  # bench/damos.py compares damond's engine with the kernel's
         kernel_damon.mount_tracefs()  # where the kernel backend reads the kernel's results
         await run.phase(
             "damond_kernel", lambda r: damond_phase(run, 0, pause_ms, r, backend="kernel")
         )
-    await run.phase("kernel", lambda r: kernel_phase(throughput_s, pause_ms, r))
 
 
 def main(argv: list[str] | None = None) -> int:

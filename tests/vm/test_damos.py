@@ -1,10 +1,11 @@
 """DAMOS pageout on anonymous memory with swap (zram), damond beside the guest kernel's DAMOS.
 
 One guest boot (tests/vm/damos.py): damond's user backend (page_idle,
-process_madvise), damond on its kernel backend (the scheme handed to the
-kernel's DAMOS, its results read back), and then the guest kernel's own
-DAMOS driven directly, each with the scheme "page out what saw no access for
-2 s" over a fresh workload process whose first half is written continuously.
+process_madvise), the guest kernel's own DAMOS driven directly, and then
+damond on its kernel backend (the scheme handed to the kernel's DAMOS, its
+results read back; last, so that the comparison of the first two runs as it
+did), each with the scheme "page out what saw no access for 2 s" over a
+fresh workload process whose first half is written continuously.
 Each must swap the cold half out; damond's engine must keep the hot half
 resident; damond's stats and tried regions must say what happened, whichever
 backend did it. How the workload's throughput fares is bench/damos.py's
