@@ -77,6 +77,8 @@ class TargetProcess:
             raise TargetGone(pid, "is not a valid pid")
         self.pid = pid
         self._files: dict[tuple[str, int], int] = {}
+        self._dirfd = -1
+        self._pidfd = -1
         try:
             self._pidfd = _pidfd_open(pid)
         except OSError as e:
@@ -86,8 +88,12 @@ class TargetProcess:
         try:
             self._dirfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            os.close(self._pidfd)
-            raise TargetGone(pid, "has no /proc entry") from e
+            # close() forgets the number too: closed but remembered, __del__ would
+            # close it again, by then maybe another thread's newly opened fd
+            self.close()
+            if e.errno in _GONE_ERRNOS:
+                raise TargetGone(pid, "has no /proc entry") from e
+            raise
         if not self.alive():
             self.close()
             raise TargetGone(pid)
@@ -144,14 +150,13 @@ class TargetProcess:
 
     def close(self) -> None:
         """Release the pidfd, the directory and every cached file. Idempotent."""
-        for fd in self._files.values():
+        # each number is forgotten before it is closed: a number closed twice may
+        # by then be another thread's fd (another kdamond's pidfd, say)
+        files, self._files = list(self._files.values()), {}
+        fds = [getattr(self, "_dirfd", -1), getattr(self, "_pidfd", -1)]
+        self._dirfd = self._pidfd = -1
+        for fd in files + [fd for fd in fds if fd >= 0]:
             os.close(fd)
-        self._files.clear()
-        for attr in ("_dirfd", "_pidfd"):
-            fd = getattr(self, attr, -1)
-            if fd >= 0:
-                os.close(fd)
-            setattr(self, attr, -1)
 
     def __enter__(self) -> TargetProcess:
         return self
