@@ -150,11 +150,17 @@ class Damond:
 
 
 async def start_damond(
-    bus: PrivateBus, client: MessageBus, tmp_path: Any, env: dict[str, str] | None = None
+    bus: PrivateBus,
+    client: MessageBus,
+    tmp_path: Any,
+    env: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> Damond:
     """Start the daemon and wait for its name to appear."""
     log_path = tmp_path / "damond.log"
-    process = spawn_daemon(bus.address, log_path, "--log-level", "debug", env=env)
+    process = spawn_daemon(
+        bus.address, log_path, "--log-level", "debug", env=env, wrapper=wrapper
+    )
     daemon = Damond(bus, process, client, str(log_path))
     try:
         await wait_for_name(client, BUS_NAME, DAEMON_START_TIMEOUT)

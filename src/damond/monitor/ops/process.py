@@ -39,25 +39,34 @@ def _pidfd_open(pid: int) -> int:
         raise
 
 
+PF_KTHREAD = 0x00200000
+"""The flags word of /proc/PID/stat (include/linux/sched.h): a kernel thread."""
+
+
 def process_problem(pid: int) -> str:
-    """Why pid cannot be a monitoring target now, or '' when it can (a live process)."""
-    if pid <= 0 or not _is_live(pid):
+    """Why pid cannot be a monitoring target now, or '' when it can.
+
+    A target is a live process (not a zombie) with user memory that this
+    daemon may read: a kernel thread has none, and a process whose maps the
+    kernel will not show us (no CAP_SYS_PTRACE over it) cannot be sampled;
+    either would turn the kdamond off at its first sample.
+    """
+    if pid <= 0:
         return f"pid {pid} is not a live process"
-    return ""
-
-
-def _is_live(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has no memory left to monitor
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+        with TargetProcess(pid) as proc:
+            return proc.problem()
+    except TargetGone:
+        return f"pid {pid} is not a live process"
+    except OSError as e:
+        return f"pid {pid} cannot be pinned: {e.strerror or e}"
+
+
+def _state_and_flags(stat: bytes) -> tuple[bytes, int]:
+    """The state letter and flags word of /proc/PID/stat (fields 3 and 9; the name
+    before them may hold spaces and parentheses, hence the last ')')."""
+    fields = stat.rsplit(b")", 1)[1].split()
+    return fields[0], int(fields[6])
 
 
 class TargetProcess:
@@ -105,6 +114,24 @@ class TargetProcess:
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
         return not poller.poll(0)
+
+    def problem(self) -> str:
+        """Why this process cannot be monitored, or '' (see process_problem)."""
+        try:
+            stat = self.read("stat")
+            state, flags = _state_and_flags(stat)
+            if state == b"Z" or not self.alive():
+                return f"pid {self.pid} is not a live process"
+            if flags & PF_KTHREAD:
+                name = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode(errors="replace")
+                return f"pid {self.pid} is a kernel thread ({name}): it has no user memory"
+            if not self.read("maps"):
+                return f"pid {self.pid} has no user address space"
+        except TargetGone:
+            return f"pid {self.pid} is not a live process"
+        except PermissionError as e:
+            return f"pid {self.pid}: cannot read its memory ({e.filename}: {e.strerror})"
+        return ""
 
     def path(self, name: str) -> str:
         """The file's name for messages (we never open by this path)."""
