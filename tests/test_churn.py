@@ -277,11 +277,7 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # just after a sample: the next look is ~350 ms away
         pid = a.pid
-        a.kill()
-        a.wait()
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(pid - 1))
-        b = subprocess.Popen(["sleep", "600"])
+        b = _give_pid_to_a_new_process(a)
         reused_at = time.time()
         state_then = await client.get_property(bus, K0, "org.damond1.Kdamond", "state")
         for _ in range(300):
@@ -306,5 +302,107 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
         bus.disconnect()
 
 
+def _give_pid_to_a_new_process(a: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Kill a, and start a `sleep` that gets a's pid (ns_last_pid of our namespace)."""
+    pid = a.pid
+    a.kill()
+    a.wait()
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    return subprocess.Popen(["sleep", "600"])
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_pid_reused_after_commit_is_not_adopted(private_bus: Any, tmp_path: Path) -> None:
+    """`commit` pins the new pid when it accepts it, as the kernel does: the process
+    dies and its pid goes to another before the commit takes effect (the next
+    aggregation), and the newcomer is not monitored."""
+    out = subprocess.run(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            sys.executable,
+            __file__,
+            "commit-reuse",
+            private_bus.address,
+            str(tmp_path / "damond.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    log = (tmp_path / "damond.log").read_text()
+    assert result["reused"] and result["before_effect"], result
+    assert result["snapshots_after"] >= 2, result  # the commit has taken effect
+    assert result["state_after"] == "on" and result["b_alive"], result
+    assert not result["snapshots_naming_b"], result
+    assert "Traceback" not in log, log
+
+
+async def _commit_reuse(address: str, log_path: str) -> dict[str, Any]:
+    """Inside the namespace: an anchor target and a second one; commit makes A the
+    second, A dies right after and B gets A's pid, all before the next aggregation."""
+    from damond.tools import client
+    from damond.tools.privatebus import spawn_daemon, wait_for_name
+
+    bus = await client.connect(address)
+    daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")
+    anchor, first, a = (subprocess.Popen(["sleep", "600"]) for _ in range(3))
+    b: subprocess.Popen[bytes] | None = None
+    try:
+        await wait_for_name(bus, client.BUS_NAME, 15)
+        await client.add_match(bus, client.SNAPSHOT_RULE)
+        got: list[tuple[float, list[Any]]] = []
+        bus.add_message_handler(
+            lambda m: got.append((time.time(), m.body)) if m.member == "Snapshot" else None
+        )
+        await client.set_property(bus, client.ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
+        await client.set_property(bus, K0, "org.damond1.Contexts", "nr", "u", 1)
+        await client.set_property(bus, C0, "org.damond1.Targets", "nr", "u", 2)
+        for i, proc in enumerate((anchor, first)):
+            await client.set_property(
+                bus, f"{C0}/targets/{i}", "org.damond1.Target", "pid", "i", proc.pid
+            )
+        await client.set_property(bus, C0, "org.damond1.Intervals", "sample_us", "t", 100_000)
+        await client.set_property(bus, C0, "org.damond1.Intervals", "aggr_us", "t", 1_000_000)
+        await client.set_property(bus, K0, "org.damond1.Kdamond", "state", "s", "on")
+        while not got:
+            await asyncio.sleep(0.01)
+        # just after an aggregation: the commit takes effect at the next, ~1 s away
+        committed_at = time.time()
+        await client.set_property(bus, f"{C0}/targets/1", "org.damond1.Target", "pid", "i", a.pid)
+        await client.set_property(bus, K0, "org.damond1.Kdamond", "state", "s", "commit")
+        pid = a.pid
+        b = _give_pid_to_a_new_process(a)
+        reused_at = time.time()
+        seen_before = len(got)
+        while len([t for t, _ in got if t > reused_at]) < 2:
+            await asyncio.sleep(0.05)
+        state = await client.get_property(bus, K0, "org.damond1.Kdamond", "state")
+        return {
+            "reused": b.pid == pid,
+            "before_effect": seen_before == 1 and reused_at - committed_at < 0.5,
+            "snapshots_after": len([t for t, _ in got if t > reused_at]),
+            "state_after": state,
+            "b_alive": b.poll() is None,
+            "snapshots_naming_b": [
+                body[0] for t, body in got if t > reused_at and pid in {x[1] for x in body[3]}
+            ],
+        }
+    finally:
+        for proc in (anchor, first, a, b, daemon):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+        bus.disconnect()
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["reuse"]:
     print(json.dumps(asyncio.run(_reuse(sys.argv[2], sys.argv[3]))))
+if __name__ == "__main__" and sys.argv[1:2] == ["commit-reuse"]:
+    print(json.dumps(asyncio.run(_commit_reuse(sys.argv[2], sys.argv[3]))))

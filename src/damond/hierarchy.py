@@ -124,7 +124,10 @@ class Monitor(Protocol):
 MonitorFactory = Callable[
     [str, ContextConfig, Callable[[Snapshot], None], Callable[[str], None]], Monitor
 ]
-"""(kdamond name, config, on_snapshot, on_stop(reason)) → a started Monitor."""
+"""(kdamond name, config, on_snapshot, on_stop(reason)) → a started Monitor.
+
+The factory and Monitor.commit may refuse a config with ConfigError (a target
+pid that cannot be pinned at acceptance); then nothing started or changed."""
 
 
 class TreeListener(Protocol):
@@ -140,6 +143,7 @@ class TreeListener(Protocol):
 
 
 N = TypeVar("N", bound="Node")
+T = TypeVar("T")
 
 
 class Collection(Generic[N]):
@@ -402,10 +406,11 @@ class Context(Node):
                     raise InvalidArgument(target.path, problem)
         return config
 
-    def _checked(self, validate: Callable[[], Any]) -> None:
-        """Run one of the core's validations, its error named after this tree's object."""
+    def _checked(self, validate: Callable[[], T]) -> T:
+        """Run one of the core's validations (or what may refuse like one: a monitor
+        pinning the targets), its error named after this tree's object."""
         try:
-            validate()
+            return validate()
         except ConfigError as e:
             where = f"{self.path}/{e.where}" if e.where else self.path
             raise InvalidArgument(where, e.rule) from None
@@ -484,7 +489,9 @@ class Kdamond(Node):
             if self.monitor is monitor:
                 self.turn_off(reason)
 
-        monitor = self.tree.monitor_factory(self.name, config, on_snapshot, on_stop)
+        monitor = context._checked(  # ConfigError: a target could not be pinned
+            lambda: self.tree.monitor_factory(self.name, config, on_snapshot, on_stop)
+        )
         self.monitor = monitor
         self.running_config = config
         context.latest = None
@@ -530,8 +537,10 @@ class Kdamond(Node):
     def commit(self) -> None:
         if self.monitor is None:
             raise InvalidArgument(self.path, "commit needs the kdamond to be on (state is off)")
-        config = self._context().config()
-        self.monitor.commit(config)
+        context = self._context()
+        config = context.config()
+        monitor = self.monitor
+        context._checked(lambda: monitor.commit(config))  # new pids are pinned now
         self.running_config = config
         log.info("%s commit", self.path, extra={"KDAMOND": self.name})
 

@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from damond.monitor import ops
-from damond.monitor.config import ContextConfig
+from damond.monitor.config import ConfigError, ContextConfig
 from damond.monitor.engine import Engine
-from damond.monitor.ops import AccessCheck, AddressSpace
-from damond.monitor.ops.process import ProcessTable
+from damond.monitor.ops import AccessCheck, AddressSpace, TargetGone
+from damond.monitor.ops.process import ProcessTable, TargetProcess
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,43 @@ OpsWrapper = Callable[[str, AddressSpace, AccessCheck], tuple[AddressSpace, Acce
 """(kdamond name, space, access check) -> the ops the engine uses instead (fault injection)."""
 
 
+def pin_targets(config: ContextConfig, pinned: set[int]) -> dict[int, TargetProcess]:
+    """Pin the pid of each target not in pinned, now, as the kernel does at `on`/`commit`.
+
+    The process that holds the number at acceptance is the one monitored,
+    whenever the engine first looks at it: a pid that dies and is reused
+    before the next aggregation is not adopted. ConfigError (naming the
+    target) when one is not a monitorable process; then nothing stays pinned.
+    """
+    pins: dict[int, TargetProcess] = {}
+    if not config.operations.target_has_pid:
+        return pins
+    try:
+        for target in config.targets:
+            if target.pid in pinned or target.pid in pins:
+                continue
+            where = f"targets/{target.index}"
+            try:
+                proc = TargetProcess(target.pid)
+            except (TargetGone, OSError):
+                raise ConfigError(where, f"pid {target.pid} is not a live process") from None
+            pins[target.pid] = proc
+            problem = proc.problem()
+            if problem:
+                raise ConfigError(where, problem)
+    except ConfigError:
+        for proc in pins.values():
+            proc.close()
+        raise
+    return pins
+
+
 class KdamondTask:
-    """One running kdamond: started on creation, stopped by stop() or by itself."""
+    """One running kdamond: started on creation, stopped by stop() or by itself.
+
+    Target pids are pinned when a configuration is accepted (here and in
+    commit(), on the event loop), then handed to the worker with it.
+    """
 
     def __init__(
         self,
@@ -58,9 +93,18 @@ class KdamondTask:
         self._wrap_ops = wrap_ops
         self._on_snapshot = on_snapshot
         self._on_stop = on_stop
+        self._processes = ProcessTable()
+        """Shared by the engine's space and access check: one pin per pid. The worker's
+        alone once it runs; new pins reach it with their config (_Handover)."""
+        self._processes.adopt(pin_targets(config, set()))  # ConfigError: nothing started
+        self._accepted_pids = {t.pid for t in config.targets}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdamond.{name}")
         self._config = config
         """The latest config from on/commit; the worker hands it to the engine."""
+        self._handover_lock = threading.Lock()
+        self._handovers: list[dict[int, TargetProcess]] = []
+        """Pins of commits the worker has not taken yet (oldest first)."""
+        self._worker_done = False
         self._stopping = threading.Event()
         self._unpublished: collections.deque[Snapshot] = collections.deque(maxlen=MAX_UNPUBLISHED)
         self._publish_lock = threading.Lock()
@@ -74,8 +118,23 @@ class KdamondTask:
         self._task.cancel()
 
     def commit(self, config: ContextConfig) -> None:
-        """Hand a new config to the engine, which applies it at the next aggregation."""
-        self._config = config  # the worker picks it up before its next sample
+        """Hand a new config to the engine, which applies it at the next aggregation.
+
+        New pids are pinned now (ConfigError, and nothing changes, when one
+        cannot be); pids of the previous config keep their pins, as the kernel
+        keeps a target's struct pid when its number did not change.
+        """
+        pins = pin_targets(config, self._accepted_pids)
+        with self._handover_lock:
+            late = self._worker_done
+            if not late:
+                self._handovers.append(pins)
+                self._config = config  # the worker picks both up before its next sample
+        if late:  # the worker has ended: nobody will take these
+            for proc in pins.values():
+                proc.close()
+            return
+        self._accepted_pids = {t.pid for t in config.targets}
 
     def done(self) -> bool:
         return self._task.done()
@@ -106,19 +165,32 @@ class KdamondTask:
 
     def _work(self) -> str:
         """On the worker: build, start and run the engine; always release its files."""
-        processes = ProcessTable()  # shared by space and access check: one pin per pid
+        processes = self._processes
         engine: Engine | None = None
         try:
-            engine = _engine_for(
-                self.name, self._config, processes, self._registry, self._wrap_ops
-            )
-            handed = self._config
+            handed = self._take_config(processes)
+            engine = _engine_for(self.name, handed, processes, self._registry, self._wrap_ops)
             engine.start()
             return self._sample_loop(engine, handed, processes)
         finally:
             if engine is not None:
                 engine.close()
+            with self._handover_lock:
+                self._worker_done = True
+                untaken, self._handovers = self._handovers, []
+            for pins in untaken:
+                for proc in pins.values():
+                    proc.close()
             processes.close()
+
+    def _take_config(self, processes: ProcessTable) -> ContextConfig:
+        """On the worker: the latest config, its commits' pins adopted into the table."""
+        with self._handover_lock:
+            config = self._config
+            handovers, self._handovers = self._handovers, []
+        for pins in handovers:
+            processes.adopt(pins)
+        return config
 
     def _sample_loop(self, engine: Engine, handed: ContextConfig, processes: ProcessTable) -> str:
         """prepare, sleep sample_us, check: as kdamond_fn.
@@ -132,10 +204,9 @@ class KdamondTask:
         """
         engine.prepare()
         while not engine.done:
-            config = self._config
-            if config is not handed:
-                engine.commit(config)
-                handed = config
+            if self._config is not handed:
+                handed = self._take_config(processes)
+                engine.commit(handed)
             if self._stopping.wait(engine.config.attrs.sample_us / 1e6):
                 return "stopped"
             applied = engine.config

@@ -256,6 +256,15 @@ class ProcessTable:
             raise TargetGone(pid)
         return proc
 
+    def adopt(self, pins: dict[int, TargetProcess]) -> None:
+        """Take processes pinned elsewhere (at a commit's acceptance); a pin taken later
+        replaces an earlier one of the same number."""
+        for pid, proc in pins.items():
+            old = self._procs.get(pid)
+            if old is not None and old is not proc:
+                old.close()
+            self._procs[pid] = proc
+
     def drop(self, pid: int) -> None:
         """Forget pid (e.g. a commit removed or replaced the target)."""
         proc = self._procs.pop(pid, None)
