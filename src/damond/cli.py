@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -175,13 +176,26 @@ class Daemon:
             stopped.cancel()
             error = disconnected.exception() if not disconnected.cancelled() else None
             await self.shutdown("lost the bus connection")
-            raise Fatal(f"lost the connection to the bus{f': {error}' if error else ''}")
+            raise Fatal(f"lost the connection to the bus: {disconnect_reason(error)}")
         disconnected.cancel()
         log.info("stopping on signal")
         await self.shutdown("daemon stopping")
         adapter.detach()
         bus.disconnect()
         return 0
+
+
+def disconnect_reason(error: BaseException | None) -> str:
+    """What ended a bus connection, in words: the exception dbus-fast ended it with often
+    has no text (EOFError() when the bus closed the socket)."""
+    if error is None:
+        return "the bus closed it"
+    if isinstance(error, EOFError):
+        return "the bus closed the socket (end of file)"
+    if isinstance(error, OSError) and error.errno is not None:
+        name = errno.errorcode.get(error.errno, str(error.errno))
+        return f"{error.strerror or os.strerror(error.errno)} ({name})"
+    return str(error) or type(error).__name__
 
 
 def _quiet_after_disconnect(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
