@@ -61,6 +61,9 @@ DBUS_POLICY_DIR ?= $(if $(filter /usr,$(PREFIX)),/usr/share/dbus-1/system.d,/etc
 # Debian's interpreter, not pyenv's (under /root, hidden by ProtectHome=).
 SYSTEM_PYTHON   ?= /usr/bin/python3
 INSTALL_APT_PACKAGES := python3-venv python3-dev libsystemd-dev pkg-config gcc
+# Names whose first call starts the daemon (root's, group damond's, everyone's):
+# one activation file each, made from packaging/org.damond1.service.
+ACTIVATED_NAMES := org.damond1 org.damond1.Readers org.damond1.Public
 # The packaging files name /usr/local; this points them at PREFIX.
 SUBST := sed -e '/^\#/!s|/usr/local/bin/damond|$(BINDIR)/damond|g' \
              -e '/^\#/!s|/usr/local/share/doc/damond|$(DOCDIR)|g'
@@ -72,8 +75,12 @@ install:
 		$(DESTDIR)$(DBUS_POLICY_DIR) $(DESTDIR)$(DOCDIR)
 	ln -sfn $(VENVDIR)/bin/damond $(DESTDIR)$(BINDIR)/damond
 	$(SUBST) packaging/damond.service > $(DESTDIR)$(UNITDIR)/damond.service
-	$(SUBST) packaging/org.damond1.service > $(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service
-	chmod 0644 $(DESTDIR)$(UNITDIR)/damond.service $(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service
+	for name in $(ACTIVATED_NAMES); do \
+		$(SUBST) -e "s|^Name=org.damond1$$|Name=$$name|" packaging/org.damond1.service \
+			> $(DESTDIR)$(DBUS_SERVICEDIR)/$$name.service && \
+		chmod 0644 $(DESTDIR)$(DBUS_SERVICEDIR)/$$name.service || exit 1; \
+	done
+	chmod 0644 $(DESTDIR)$(UNITDIR)/damond.service
 	install -m 0644 packaging/dbus-policy.conf $(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
 	install -m 0644 docs/operations.md $(DESTDIR)$(DOCDIR)/operations.md
 	@scripts/install-hooks post-install "$(DESTDIR)"
@@ -81,7 +88,7 @@ install:
 uninstall:
 	@scripts/install-hooks pre-uninstall "$(DESTDIR)"
 	rm -f $(DESTDIR)$(BINDIR)/damond $(DESTDIR)$(UNITDIR)/damond.service \
-		$(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service \
+		$(foreach name,$(ACTIVATED_NAMES),$(DESTDIR)$(DBUS_SERVICEDIR)/$(name).service) \
 		$(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
 	rm -rf $(DESTDIR)$(VENVDIR) $(DESTDIR)$(DOCDIR)
 	@scripts/install-hooks post-uninstall "$(DESTDIR)"

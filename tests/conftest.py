@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import grp
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +22,36 @@ from damond.tools.privatebus import PrivateBus, spawn_daemon, start_private_bus,
 BUS_NAME = "org.damond1"
 ROOT = "/org/damond1"
 DAEMON_START_TIMEOUT = 15.0
+REPO = Path(__file__).resolve().parent.parent
+POLICY = REPO / "packaging" / "dbus-policy.conf"
+RAWBUS = Path(__file__).with_name("rawbus.py")
+"""The stdlib-only client that plays other users (subscribers, forgers, attackers)."""
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""pyenv's python lives under /root, out of nobody's reach; Debian's is everyone's."""
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+MEMBER = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=damond"]
+"""`nobody`, and `nobody` as a member of the group damond."""
+
+
+@pytest.fixture(scope="session")
+def damond_group() -> None:
+    """The group the policy names; `make install` creates it the same way."""
+    try:
+        grp.getgrnam("damond")
+    except KeyError:
+        subprocess.run(["groupadd", "--system", "damond"], check=True)
 
 
 @pytest.fixture
 def private_bus() -> Iterator[PrivateBus]:
     with start_private_bus() as bus:
+        yield bus
+
+
+@pytest.fixture
+def policy_bus() -> Iterator[PrivateBus]:
+    """A bus configured like the system bus, with the project's policy file itself."""
+    with start_private_bus(policy_files=[POLICY]) as bus:
         yield bus
 
 
@@ -216,6 +244,27 @@ def workload() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
     info = json.loads(process.stdout.readline())
     yield process, info
     stop_process(process)
+
+
+class NotifySocket:
+    """What systemd would receive: (monotonic arrival time, message) pairs."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setblocking(False)
+        self.path = path
+
+    async def next(self, timeout: float = 10.0) -> tuple[float, str]:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout)
+        return loop.time(), data.decode()
+
+    async def until(self, predicate: Any, timeout: float = 10.0) -> tuple[float, str]:
+        while True:
+            arrived, message = await self.next(timeout)
+            if predicate(message):
+                return arrived, message
 
 
 def daemon_rss(daemon: Damond) -> int:

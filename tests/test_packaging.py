@@ -90,8 +90,12 @@ class Layout:
         return f"{self.prefix}/lib/systemd/system/damond.service"
 
     @property
-    def activation(self) -> str:
-        return f"{self.prefix}/share/dbus-1/system-services/org.damond1.service"
+    def activations(self) -> dict[str, str]:
+        """Each name whose first call starts the daemon, and its activation file."""
+        return {
+            name: f"{self.prefix}/share/dbus-1/system-services/{name}.service"
+            for name in ("org.damond1", "org.damond1.Readers", "org.damond1.Public")
+        }
 
     @property
     def policy(self) -> str:
@@ -129,15 +133,16 @@ def check_layout(root: Path, layout: Layout) -> None:
     unit = unit_settings(at(layout.unit))
     assert unit["ExecStart"] == [f"{layout.bin} --bus system"]
     assert unit["Documentation"] == [f"file:{layout.doc}"]
-    assert unit_settings(at(layout.activation)) == {
-        "Name": ["org.damond1"],
-        "Exec": [f"{layout.bin} --bus system"],
-        "User": ["root"],
-        "SystemdService": ["damond.service"],
-    }
+    for name, activation in layout.activations.items():
+        assert unit_settings(at(activation)) == {
+            "Name": [name],
+            "Exec": [f"{layout.bin} --bus system"],
+            "User": ["root"],
+            "SystemdService": ["damond.service"],
+        }
     assert at(layout.policy).read_bytes() == POLICY.read_bytes()
     assert at(layout.doc).read_bytes() == (REPO / "docs" / "operations.md").read_bytes()
-    for path in (layout.unit, layout.activation, layout.policy, layout.doc):
+    for path in (layout.unit, *layout.activations.values(), layout.policy, layout.doc):
         assert at(path).stat().st_mode & 0o777 == 0o644, path
 
 
@@ -162,7 +167,13 @@ def test_staged_install_lays_out_files_for_the_final_paths(
     installed = files_under(destdir)
     assert {str(p) for p in installed if "/lib/damond/" not in str(p)} == {
         str(destdir) + path
-        for path in (layout.bin, layout.unit, layout.activation, layout.policy, layout.doc)
+        for path in (
+            layout.bin,
+            layout.unit,
+            *layout.activations.values(),
+            layout.policy,
+            layout.doc,
+        )
     }
     # Nothing that runs names the staging directory: shebangs, activate scripts,
     # pyvenv.cfg and bytecode all say the final path.
@@ -174,7 +185,7 @@ def test_staged_install_lays_out_files_for_the_final_paths(
     ]
     assert not leaks, leaks[:10]
     if prefix is not None:
-        for path in (layout.unit, layout.activation):
+        for path in (layout.unit, *layout.activations.values()):
             values = unit_settings(destdir / path.lstrip("/")).values()
             assert not [v for vs in values for v in vs if "/usr/local" in v], path
     # A staging install leaves the build host alone.

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import ROOT, Damond, start_damond, stop_process
+from conftest import ROOT, Damond, NotifySocket, start_damond, stop_process
 from dbus_fast.aio import MessageBus
 
 from damond import service
@@ -26,27 +25,6 @@ WATCHDOG_USEC = 400_000
 STALL_S = 1.5
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
-
-
-class NotifySocket:
-    """What systemd would receive: (monotonic arrival time, message) pairs."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
-        self.path = path
-
-    async def next(self, timeout: float = 10.0) -> tuple[float, str]:
-        loop = asyncio.get_running_loop()
-        data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout)
-        return loop.time(), data.decode()
-
-    async def until(self, predicate: Any, timeout: float = 10.0) -> tuple[float, str]:
-        while True:
-            arrived, message = await self.next(timeout)
-            if predicate(message):
-                return arrived, message
 
 
 @pytest.fixture

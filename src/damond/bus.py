@@ -4,19 +4,42 @@ Only adaptation happens here: object paths ↔ tree paths, attribute groups ↔
 interfaces, value kinds ↔ signatures, DamondError kinds ↔ error names, tree
 events → PropertiesChanged / InterfacesAdded / InterfacesRemoved / Snapshot.
 
-Objects are dispatched from one message handler instead of exported
-ServiceInterfaces: dbus-fast would send InterfacesAdded from each object's own
-path (the spec and GDBus clients expect the manager's path), never emits
-PropertiesChanged on Set, and answers a wrongly typed Set with an error name
-outside the contract (docs/architecture.md). Dispatching ourselves fixes all three and
-keeps thousands of region objects cheap.
+Isolation. dbus-daemon charges every message a peer has not read yet (a
+reply to a caller that never reads, a signal to a stalled subscriber) to the
+connection that sent it, and stops reading that connection once it has
+127 MiB outstanding: everything it sends then waits. So each class of peer
+is served by a connection of its own, under its own name (NAMES), and the
+policy (packaging/dbus-policy.conf) lets each class reach only its own:
+root's control plane `org.damond1` sends nothing to anyone else, and a
+stalled reader can pin only the connection of its own class.
+
+Fairness. One event loop serves every connection. Each name queues its
+method calls per caller (fairqueue.FairQueue: one request per caller in
+turn, at most `per_caller` waiting, past that LimitsExceeded at once), and
+answers them from a task that gives the loop back every TURN_S; answers
+that cost are marshalled once per change (treecache, wire). A name whose
+replies pile up unsent (the bus stopped reading it) stops reading requests
+until they drain: its callers wait in the bus, not in the daemon's memory.
+
+Objects are dispatched from one message handler per connection instead of
+exported ServiceInterfaces: dbus-fast would send InterfacesAdded from each
+object's own path (the spec and GDBus clients expect the manager's path),
+never emits PropertiesChanged on Set, answers a wrongly typed Set with an
+error name outside the contract, and forwards Peer.GetMachineId to the bus,
+whose policy denies it (docs/architecture.md). Dispatching ourselves fixes
+all four and keeps thousands of region objects cheap.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
@@ -24,14 +47,18 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import ArgDirection, ErrorType, PropertyAccess
 
-from damond import busio
+from damond import busio, treecache, wire
 from damond.errors import Busy, DamondError, InvalidArgument, NoData, NotSupported
-from damond.hierarchy import Context, Node, Tree
+from damond.fairqueue import FairQueue
+from damond.hierarchy import Context, Kdamonds, Node, Tree
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
 BUS_NAME = "org.damond1"
+READERS_NAME = "org.damond1.Readers"
+PUBLIC_NAME = "org.damond1.Public"
+SNAPSHOTS_NAME = "org.damond1.Snapshots"
 ROOT_PATH = "/org/damond1"
 ERROR_PREFIX = "org.damond1.Error."
 
@@ -57,6 +84,8 @@ ERROR_NAMES: dict[type[DamondError], str] = {
     NotSupported: ERROR_PREFIX + "NotSupported",
     NoData: ERROR_PREFIX + "NoData",
 }
+LIMITS_EXCEEDED = ERROR_PREFIX + "LimitsExceeded"
+ACCESS_DENIED = ErrorType.ACCESS_DENIED.value
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
@@ -66,6 +95,53 @@ PEER = "org.freedesktop.DBus.Peer"
 MAX_QUEUED_MESSAGES = 64
 """Snapshots are dropped (clients see a seq gap) while this many messages wait
 for the socket: the daemon's memory stays bounded when the bus is slow."""
+
+MAX_WAITING_PER_CALLER = 32
+"""Requests one caller of a reader name may have waiting; past it, LimitsExceeded."""
+MAX_WAITING_PER_NAME = 4096
+"""Requests all callers of one name may have waiting (of small ones: ~4 MiB)."""
+TURN_S = 0.002
+"""A name's requests are answered for at most this long before the loop gets a turn."""
+HIGH_WATER_BYTES = 8 << 20
+"""Unsent replies on one connection above which it stops reading requests..."""
+LOW_WATER_BYTES = 1 << 20
+"""...until they are back below this."""
+DRAIN_POLL_S = 0.01
+
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+
+
+class Access(enum.IntEnum):
+    """What a name answers; each class of peer reaches one name (the policy says who)."""
+
+    PUBLIC = 0
+    """Introspect, Peer, Get, GetAll: everyone."""
+    READ = 1
+    """And GetManagedObjects, GetSnapshot (access patterns): group damond."""
+    CONTROL = 2
+    """And Set: root."""
+
+
+@dataclass(frozen=True)
+class Name:
+    """A bus name damond owns, on a connection of its own."""
+
+    name: str
+    access: Access | None
+    """What it answers; None: Peer only (it sends signals)."""
+    per_caller: int | None
+    """Requests one caller may have waiting; None: no cap (root's own name)."""
+
+
+SNAPSHOTS = Name(SNAPSHOTS_NAME, None, MAX_WAITING_PER_CALLER)
+PUBLIC = Name(PUBLIC_NAME, Access.PUBLIC, MAX_WAITING_PER_CALLER)
+READERS = Name(READERS_NAME, Access.READ, MAX_WAITING_PER_CALLER)
+CONTROL = Name(BUS_NAME, Access.CONTROL, None)
+NAMES = (SNAPSHOTS, PUBLIC, READERS, CONTROL)
+"""In the order they are requested: the control name last, so that once clients
+see org.damond1 (and D-Bus activation returns), every name is served."""
+
+Answer = Message | Awaitable[Message]
 
 
 def object_path(path: str) -> str:
@@ -86,6 +162,59 @@ def _error_reply(e: DamondError) -> _Reply:
     return _Reply(ERROR_NAMES[type(e)], f"{object_path(e.where)}: {e.rule}")
 
 
+# --- methods of damond's own interfaces ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of an object of the tree: where it lives, who may call it, what it does."""
+
+    interface: str
+    member: str
+    node_type: type[Node]
+    out_args: tuple[tuple[str, str], ...]
+    """(signature, name) of each value of the reply (for introspection)."""
+    access: Access
+    answer: Callable[[BusAdapter, Message, Any], Answer]
+    in_signature: str = ""
+
+
+SNAPSHOT_ARGS = (
+    ("t", "seq"),
+    ("t", "timestamp_us"),
+    ("u", "max_nr_accesses"),
+    ("a(uia(ttuu))", "targets"),
+)
+
+
+def _get_managed_objects(adapter: BusAdapter, msg: Message, node: Kdamonds) -> Answer:
+    return adapter.managed_objects_reply(msg)
+
+
+def _get_snapshot(adapter: BusAdapter, msg: Message, node: Context) -> Answer:
+    return wire.prepared_return(msg, SNAPSHOT_SIGNATURE, adapter.snapshot_body(node))
+
+
+METHODS = (
+    Method(
+        OBJECT_MANAGER,
+        "GetManagedObjects",
+        Kdamonds,
+        (("a{oa{sa{sv}}}", "objects"),),
+        Access.READ,
+        _get_managed_objects,
+    ),
+    Method(
+        INTERFACES["context"], "GetSnapshot", Context, SNAPSHOT_ARGS, Access.READ, _get_snapshot
+    ),
+)
+"""Every method of the tree's objects besides the standard interfaces' (Properties,
+Introspectable, Peer): a new one is a line here and its answer function."""
+
+SIGNALS = {INTERFACES["context"]: (("Snapshot", SNAPSHOT_ARGS),)}
+"""Signals of damond's interfaces, for introspection."""
+
+
 @cache
 def _standard_interfaces(manager: bool) -> tuple[intr.Interface, ...]:
     return tuple(i for i in intr.Node.default().interfaces if manager or i.name != OBJECT_MANAGER)
@@ -103,6 +232,7 @@ def _interface(node_type: type[Node], group: str) -> intr.Interface:
 
 
 def _build_interface(node_type: type[Node], group: str) -> intr.Interface:
+    name = INTERFACES[group]
     props = [
         intr.Property(
             a.name,
@@ -111,100 +241,209 @@ def _build_interface(node_type: type[Node], group: str) -> intr.Interface:
         )
         for a in node_type.GROUPS[group]
     ]
-    methods: list[intr.Method] = []
-    signals: list[intr.Signal] = []
-    if group == "context":
-        out = [
-            intr.Arg("t", ArgDirection.OUT, "seq"),
-            intr.Arg("t", ArgDirection.OUT, "timestamp_us"),
-            intr.Arg("u", ArgDirection.OUT, "max_nr_accesses"),
-            intr.Arg("a(uia(ttuu))", ArgDirection.OUT, "targets"),
-        ]
-        methods.append(intr.Method("GetSnapshot", out_args=out))
-        signals.append(intr.Signal("Snapshot", [intr.Arg(a.signature, None, a.name) for a in out]))
-    return intr.Interface(INTERFACES[group], methods=methods, signals=signals, properties=props)
+    methods = [
+        intr.Method(m.member, out_args=[intr.Arg(s, ArgDirection.OUT, n) for s, n in m.out_args])
+        for m in METHODS
+        if m.interface == name and issubclass(node_type, m.node_type)
+    ]
+    signals = [
+        intr.Signal(member, [intr.Arg(s, None, n) for s, n in args])
+        for member, args in SIGNALS.get(name, ())
+    ]
+    return intr.Interface(name, methods=methods, signals=signals, properties=props)
 
 
-class BusAdapter:
-    """Serves one Tree on one connection; listens to the tree for changes."""
+def _machine_id() -> str:
+    for path in MACHINE_ID_FILES:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            continue
+    return ""
 
-    def __init__(self, bus: MessageBus, tree: Tree) -> None:
+
+# --- one name, one connection -----------------------------------------------------------------
+
+
+class Face:
+    """One of the daemon's names: its connection, its callers' queue, the task answering."""
+
+    def __init__(self, adapter: BusAdapter, name: Name, bus: MessageBus) -> None:
+        self.adapter = adapter
+        self.name = name
         self.bus = bus
-        self.tree = tree
-        self.snapshots_dropped = 0
-        self._last_drop_log = 0.0
+        self.queue: FairQueue[Message] = FairQueue(name.per_caller, MAX_WAITING_PER_NAME)
+        self.refused = 0
+        """Requests answered LimitsExceeded (over a cap)."""
+        self.stalls = 0
+        """Times its replies piled up and it stopped reading."""
+        self._work = asyncio.Event()
+        self._gate: busio.ReadGate | None = None
+        self._server: asyncio.Task[None] | None = None
 
     def attach(self) -> None:
         busio.harden(self.bus)
-        self.bus.add_message_handler(self._handle)
+        self._gate = busio.ReadGate(self.bus)
+        self.bus.add_message_handler(self._receive)
+        self._server = asyncio.ensure_future(self._serve())
+
+    def detach(self) -> None:
+        self.bus.remove_message_handler(self._receive)
+        if self._server is not None:
+            self._server.cancel()
+
+    def send(self, message: Message) -> None:
+        if self.bus.connected:
+            busio.send(self.bus, message)
+
+    def _receive(self, msg: Message) -> bool | None:
+        """dbus-fast's handler: every method call is ours (dbus-fast answers none)."""
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return None
+        if self.queue.put(msg.sender or "", msg):
+            self._work.set()
+        else:
+            self.refused += 1
+            self._reply(
+                msg,
+                Message.new_error(
+                    msg,
+                    LIMITS_EXCEEDED,
+                    f"{self.name.name}: {self.queue.waiting(msg.sender or '')} requests of "
+                    f"{msg.sender} already wait (at most {self.name.per_caller} per caller, "
+                    f"{MAX_WAITING_PER_NAME} in all): wait for their replies",
+                ),
+            )
+        return True
+
+    def _reply(self, call: Message, reply: Message) -> None:
+        if not call.flags & MessageFlag.NO_REPLY_EXPECTED:
+            # sent here rather than returned to dbus-fast, whose own send leaves the
+            # future unconsumed: "exception never retrieved" when the bus goes away
+            self.send(reply)
+
+    async def _serve(self) -> None:
+        """Answer the queue in turn; the loop gets a turn every TURN_S."""
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            turn_end = time.monotonic() + TURN_S
+            while self.queue:
+                if busio.unsent_bytes(self.bus, HIGH_WATER_BYTES) > HIGH_WATER_BYTES:
+                    await self._drain()
+                _, msg = self.queue.pop()
+                self._reply(msg, await self._answer(msg))
+                if time.monotonic() > turn_end:
+                    await asyncio.sleep(0)
+                    turn_end = time.monotonic() + TURN_S
+
+    async def _drain(self) -> None:
+        """Replies pile up unsent (the bus does not read them): read no more requests
+        until they drain, so that callers wait in the bus, not in this process."""
+        assert self._gate is not None
+        self.stalls += 1
+        log.warning(
+            "%s: %d MiB of replies wait for the bus; not reading requests until they drain",
+            self.name.name,
+            HIGH_WATER_BYTES >> 20,
+        )
+        self._gate.stop()
+        try:
+            while busio.unsent_bytes(self.bus, LOW_WATER_BYTES) > LOW_WATER_BYTES:
+                await asyncio.sleep(DRAIN_POLL_S)
+        finally:
+            if self.bus.connected:
+                self._gate.resume()
+
+    async def _answer(self, msg: Message) -> Message:
+        try:
+            answer = self.adapter.dispatch(self.name, msg)
+            return answer if isinstance(answer, Message) else await answer
+        except _Reply as e:
+            return Message.new_error(msg, e.name, e.text)
+        except DamondError as e:
+            err = _error_reply(e)
+            return Message.new_error(msg, err.name, err.text)
+        except Exception:  # never a traceback to the caller; the log has it
+            log.exception(
+                "internal error handling %s.%s on %s", msg.interface, msg.member, msg.path
+            )
+            return Message.new_error(msg, ErrorType.FAILED, "internal error (see the daemon's log)")
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+class BusAdapter:
+    """Serves one Tree on one connection per Name; listens to the tree for changes."""
+
+    def __init__(self, buses: Mapping[Name, MessageBus], tree: Tree) -> None:
+        self.tree = tree
+        self.faces = {name: Face(self, name, bus) for name, bus in buses.items()}
+        self.snapshots_dropped = 0
+        self._last_drop_log = 0.0
+        self._machine_id = _machine_id()
+        self._managed = treecache.ManagedObjects(tree, self._managed_entry)
+        self._introspection = treecache.Introspection(self._introspect)
+        self._snapshots: dict[Context, tuple[Snapshot, bytes]] = {}
+        """The marshalled latest snapshot of each context (its signal and GetSnapshot)."""
+
+    def attach(self) -> None:
+        for face in self.faces.values():
+            face.attach()
         self.tree.listeners.append(self)
 
     def detach(self) -> None:
-        self.bus.remove_message_handler(self._handle)
+        for face in self.faces.values():
+            face.detach()
         if self in self.tree.listeners:
             self.tree.listeners.remove(self)
 
     # --- incoming calls -------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> bool | None:
-        if msg.message_type is not MessageType.METHOD_CALL or not self._ours(msg.path):
-            return None
-        if msg.interface == PEER:
-            return None  # dbus-fast answers Ping and GetMachineId for every path
-        try:
-            reply = self._dispatch(msg)
-        except _Reply as e:
-            reply = Message.new_error(msg, e.name, e.text)
-        except DamondError as e:
-            err = _error_reply(e)
-            reply = Message.new_error(msg, err.name, err.text)
-        except Exception:  # never a traceback to the caller; the log has it
-            log.exception(
-                "internal error handling %s.%s on %s", msg.interface, msg.member, msg.path
-            )
-            reply = Message.new_error(
-                msg, ErrorType.FAILED, "internal error (see the daemon's log)"
-            )
-        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            # sent here rather than returned to dbus-fast, whose own send leaves the
-            # future unconsumed: "exception never retrieved" when the bus goes away
-            busio.send(self.bus, reply)
-        return True
-
-    @staticmethod
-    def _ours(path: str | None) -> bool:
-        return path is not None and (
-            path in ("/", "/org") or path == ROOT_PATH or path.startswith(ROOT_PATH + "/")
-        )
-
-    def _dispatch(self, msg: Message) -> Message:
+    def dispatch(self, name: Name, msg: Message) -> Answer:
+        """The answer to one method call on name: a reply, or one to await."""
         iface, member, path = msg.interface, msg.member, msg.path
         assert path is not None
+        if iface == PEER or (iface is None and member in ("Ping", "GetMachineId")):
+            return self._peer(msg)
+        if name.access is None:
+            raise _Reply(
+                ACCESS_DENIED, f"{name.name} only sends signals: call {BUS_NAME} or {READERS_NAME}"
+            )
         if member == "Introspect" and iface in (INTROSPECTABLE, None) and msg.signature == "":
-            return Message.new_method_return(msg, "s", [self._introspect(path)])
+            return wire.prepared_return(msg, "s", self._introspection.body(path))
         node = self._node(path)
         if iface == PROPERTIES or (iface is None and member in ("Get", "Set", "GetAll")):
-            return self._properties(msg, node)
-        no_args = msg.signature == ""
-        if (
-            member == "GetManagedObjects"
-            and iface in (OBJECT_MANAGER, None)
-            and no_args
-            and node is self.tree.root
-        ):
-            return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self._managed_objects()])
-        if (
-            member == "GetSnapshot"
-            and iface in (INTERFACES["context"], None)
-            and no_args
-            and isinstance(node, Context)
-        ):
-            return Message.new_method_return(msg, SNAPSHOT_SIGNATURE, node.get_snapshot().as_dbus())
+            return self._properties(name, msg, node)
+        for method in METHODS:
+            if (
+                method.member == member
+                and iface in (method.interface, None)
+                and msg.signature == method.in_signature
+                and isinstance(node, method.node_type)
+            ):
+                _require(name, method.access, path, f"{method.interface}.{member}")
+                return method.answer(self, msg, node)
         if node is None:
             raise _Reply(ErrorType.UNKNOWN_OBJECT.value, f"no object at {path}")
         raise _Reply(
             ErrorType.UNKNOWN_METHOD.value,
             f"{path} has no method {iface}.{member} with signature {msg.signature!r}",
+        )
+
+    def _peer(self, msg: Message) -> Message:
+        """Ping and GetMachineId, answered here: on the system bus the policy denies
+        dbus-fast's way (asking the bus)."""
+        if msg.member == "Ping" and msg.signature == "":
+            return Message.new_method_return(msg)
+        if msg.member == "GetMachineId" and msg.signature == "":
+            if not self._machine_id:
+                raise _Reply(ErrorType.FAILED.value, "no machine id on this host")
+            return Message.new_method_return(msg, "s", [self._machine_id])
+        raise _Reply(
+            ErrorType.UNKNOWN_METHOD.value,
+            f"Peer has no method {msg.member} with signature {msg.signature!r}",
         )
 
     def _node(self, path: str) -> Node | None:
@@ -222,7 +461,7 @@ class BusAdapter:
             raise _Reply(ErrorType.UNKNOWN_INTERFACE.value, f"{path} has no interface {iface}")
         return group
 
-    def _properties(self, msg: Message, node: Node | None) -> Message:
+    def _properties(self, name: Name, msg: Message, node: Node | None) -> Message:
         signatures = {"Get": "ss", "Set": "ssv", "GetAll": "s"}
         if signatures.get(msg.member or "") != msg.signature:
             raise _Reply(
@@ -237,28 +476,29 @@ class BusAdapter:
         assert node is not None
         if msg.member == "GetAll":
             return Message.new_method_return(msg, "a{sv}", [self._variants(node, group)])
-        name = msg.body[1]
+        prop = msg.body[1]
         try:
-            attr = node.attribute(group, name)
+            attr = node.attribute(group, prop)
         except DamondError:
             raise _Reply(
-                ErrorType.UNKNOWN_PROPERTY.value, f"{iface} has no property {name!r}"
+                ErrorType.UNKNOWN_PROPERTY.value, f"{iface} has no property {prop!r}"
             ) from None
         signature = SIGNATURES[attr.kind]
         if msg.member == "Get":
-            return Message.new_method_return(msg, "v", [Variant(signature, node.get(group, name))])
+            return Message.new_method_return(msg, "v", [Variant(signature, node.get(group, prop))])
+        _require(name, Access.CONTROL, msg.path, f"Set of {iface}.{prop}")
         value: Variant = msg.body[2]
         if not attr.writable:
             raise _Reply(
                 ERROR_NAMES[InvalidArgument],
-                f"{msg.path}: {iface}.{name} is read-only",
+                f"{msg.path}: {iface}.{prop} is read-only",
             )
         if value.signature != signature:
             raise _Reply(
                 ERROR_NAMES[InvalidArgument],
-                f"{msg.path}: {iface}.{name} has type {signature!r}, got {value.signature!r}",
+                f"{msg.path}: {iface}.{prop} has type {signature!r}, got {value.signature!r}",
             )
-        node.set(group, name, value.value)
+        node.set(group, prop, value.value)
         return Message.new_method_return(msg)
 
     @staticmethod
@@ -270,12 +510,22 @@ class BusAdapter:
     def _interfaces_and_properties(self, node: Node) -> dict[str, dict[str, Variant]]:
         return {INTERFACES[g]: self._variants(node, g) for g in node.GROUPS}
 
-    def _managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
-        return {
-            object_path(n.path): self._interfaces_and_properties(n)
-            for n in self.tree.root.walk()
-            if n is not self.tree.root
-        }
+    def _managed_entry(self, node: Node) -> bytes:
+        return wire.marshal(
+            "oa{sa{sv}}", [object_path(node.path), self._interfaces_and_properties(node)]
+        )
+
+    async def managed_objects_reply(self, msg: Message) -> Message:
+        """GetManagedObjects: the tree marshalled once per change (treecache)."""
+        return wire.prepared_return(msg, "a{oa{sa{sv}}}", await self._managed.body())
+
+    def snapshot_body(self, context: Context) -> bytes:
+        """The latest snapshot of context, marshalled (NoData before the first)."""
+        snapshot = context.get_snapshot()
+        kept = self._snapshots.get(context)
+        if kept is None or kept[0] is not snapshot:
+            kept = self._snapshots[context] = (snapshot, wire.snapshot_body(snapshot))
+        return kept[1]
 
     def _introspect(self, path: str) -> str:
         node = self._node(path)
@@ -307,10 +557,14 @@ class BusAdapter:
     # --- tree events → signals ----------------------------------------------------
 
     def _signal(self, path: str, iface: str, member: str, signature: str, body: list) -> None:
-        if self.bus.connected:
-            busio.send(self.bus, Message.new_signal(path, iface, member, signature, body))
+        """A tree-change signal: from the control name, which only root may receive."""
+        face = self.faces.get(CONTROL)
+        if face is not None:
+            face.send(Message.new_signal(path, iface, member, signature, body))
 
     def node_added(self, node: Node) -> None:
+        self._managed.changed(node)
+        self._introspection.reshaped()
         self._signal(
             ROOT_PATH,
             OBJECT_MANAGER,
@@ -320,6 +574,10 @@ class BusAdapter:
         )
 
     def node_removed(self, node: Node) -> None:
+        self._managed.changed(node)
+        self._introspection.reshaped()
+        if isinstance(node, Context):
+            self._snapshots.pop(node, None)
         self._signal(
             ROOT_PATH,
             OBJECT_MANAGER,
@@ -329,6 +587,7 @@ class BusAdapter:
         )
 
     def properties_changed(self, node: Node, group: str, changed: dict[str, Any]) -> None:
+        self._managed.changed(node)
         kinds = {a.name: a.kind for a in node.GROUPS[group]}
         variants = {k: Variant(SIGNATURES[kinds[k]], v) for k, v in changed.items()}
         self._signal(
@@ -340,7 +599,10 @@ class BusAdapter:
         )
 
     def snapshot(self, context: Context, snapshot: Snapshot) -> None:
-        if busio.queued_messages(self.bus) >= MAX_QUEUED_MESSAGES:
+        face = self.faces.get(SNAPSHOTS)
+        if face is None:
+            return
+        if busio.queued_messages(face.bus) >= MAX_QUEUED_MESSAGES:
             self.snapshots_dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log > 10:
@@ -350,10 +612,25 @@ class BusAdapter:
                     self.snapshots_dropped,
                 )
             return
-        self._signal(
-            object_path(context.path),
-            INTERFACES["context"],
-            "Snapshot",
-            SNAPSHOT_SIGNATURE,
-            snapshot.as_dbus(),
+        body = self._snapshots[context] = (snapshot, wire.snapshot_body(snapshot))
+        face.send(
+            wire.prepared_signal(
+                object_path(context.path),
+                INTERFACES["context"],
+                "Snapshot",
+                SNAPSHOT_SIGNATURE,
+                body[1],
+            )
         )
+
+
+def _require(name: Name, needed: Access, path: str, what: str) -> None:
+    """Refuse what this name does not answer, as the policy should have (defence in depth:
+    a policy installed wrong, or root calling a reader name)."""
+    if name.access is not None and name.access >= needed:
+        return
+    if needed is Access.CONTROL:
+        where = f"it is read-only: write through {BUS_NAME} (root)"
+    else:
+        where = f"access patterns are for group damond: call {READERS_NAME}"
+    raise _Reply(ACCESS_DENIED, f"{path}: {what} is not served on {name.name}; {where}")

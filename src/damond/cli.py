@@ -17,7 +17,7 @@ from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from damond import service
-from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
+from damond.bus import BUS_NAME, NAMES, ROOT_PATH, BusAdapter
 from damond.hierarchy import Tree
 from damond.monitor import ops
 from damond.monitor.config import ContextConfig
@@ -99,13 +99,13 @@ async def _connect(spec: str) -> MessageBus:
         raise Fatal(f"cannot connect to the {spec} bus: {e}") from None
 
 
-async def _own_name(bus: MessageBus) -> None:
+async def _own_name(bus: MessageBus, name: str) -> None:
     try:
-        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        reply = await bus.request_name(name, NameFlag.DO_NOT_QUEUE)
     except DBusError as e:
-        raise Fatal(f"not allowed to own {BUS_NAME} on this bus: {e.text}") from None
+        raise Fatal(f"not allowed to own {name} on this bus: {e.text}") from None
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        raise Fatal(f"{BUS_NAME} is already owned on this bus (is another damond running?)")
+        raise Fatal(f"{name} is already owned on this bus (is another damond running?)")
 
 
 class Daemon:
@@ -147,10 +147,12 @@ class Daemon:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        bus = await _connect(spec)
-        adapter = BusAdapter(bus, self.tree)
-        adapter.attach()  # objects answer before the name is visible
-        await _own_name(bus)
+        # one connection per name: what one class of peers leaves unread pins only its own
+        buses = {name: await _connect(spec) for name in NAMES}
+        adapter = BusAdapter(buses, self.tree)
+        adapter.attach()  # objects answer before the names are visible
+        for name in NAMES:
+            await _own_name(buses[name], name.name)
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
         warning = kernel_damon.interference_warning()
         if warning:
@@ -167,21 +169,25 @@ class Daemon:
 
             faults.install_stall(loop)
         stopped = asyncio.ensure_future(stop.wait())
-        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
-        await asyncio.wait([stopped, disconnected], return_when=asyncio.FIRST_COMPLETED)
+        disconnects = [asyncio.ensure_future(b.wait_for_disconnect()) for b in buses.values()]
+        await asyncio.wait([stopped, *disconnects], return_when=asyncio.FIRST_COMPLETED)
         service.notify("STOPPING=1")
         if pinger is not None:
             pinger.cancel()
-        if disconnected.done():
+        lost = next((d for d in disconnects if d.done()), None)
+        for d in disconnects:
+            d.cancel()
+        if lost is not None:
             stopped.cancel()
-            error = disconnected.exception() if not disconnected.cancelled() else None
+            error = lost.exception() if not lost.cancelled() else None
+            adapter.detach()
             await self.shutdown("lost the bus connection")
             raise Fatal(f"lost the connection to the bus: {disconnect_reason(error)}")
-        disconnected.cancel()
         log.info("stopping on signal")
         await self.shutdown("daemon stopping")
         adapter.detach()
-        bus.disconnect()
+        for b in buses.values():
+            b.disconnect()
         return 0
 
 

@@ -14,9 +14,27 @@ from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 BUS_NAME = "org.damond1"
+"""root's name: everything (configure, start, stop)."""
+READERS_NAME = "org.damond1.Readers"
+"""Group damond's name: properties, GetManagedObjects, GetSnapshot."""
+PUBLIC_NAME = "org.damond1.Public"
+"""Everyone's name: properties, Introspect, Peer."""
+SNAPSHOTS_NAME = "org.damond1.Snapshots"
+"""The name Snapshot signals come from (root and group damond receive them)."""
 ROOT = "/org/damond1"
 PROPERTIES = "org.freedesktop.DBus.Properties"
-SNAPSHOT_RULE = "type='signal',interface='org.damond1.Context',member='Snapshot'"
+SNAPSHOT_RULE = (
+    f"type='signal',sender='{SNAPSHOTS_NAME}',interface='org.damond1.Context',member='Snapshot'"
+)
+"""Snapshot signals, from damond only: the bus delivers only what the owner of the
+sender name sent, so nobody else's signal of the same shape reaches the client."""
+
+
+def tree_changes_rule(**fields: str) -> str:
+    """A rule for root's tree-change signals (PropertiesChanged, InterfacesAdded/Removed),
+    from damond only; fields (path, member, interface, arg0, ...) narrow it."""
+    extra = "".join(f",{k}='{v}'" for k, v in fields.items())
+    return f"type='signal',sender='{BUS_NAME}'{extra}"
 
 P = ParamSpec("P")
 

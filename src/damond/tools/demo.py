@@ -279,11 +279,7 @@ class Feed:
             self.arrived.set()
 
     async def subscribe(self, bus: MessageBus) -> None:
-        rule = (
-            f"type='signal',sender='{BUS_NAME}',path='{CONTEXT}',"
-            "interface='org.damond1.Context',member='Snapshot'"
-        )
-        await client.add_match(bus, rule)
+        await client.add_match(bus, f"{client.SNAPSHOT_RULE},path='{CONTEXT}'")
         bus.add_message_handler(self.handle)
 
 
