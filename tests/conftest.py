@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import socket
 import subprocess
@@ -186,9 +187,7 @@ async def start_damond(
 ) -> Damond:
     """Start the daemon and wait for its name to appear."""
     log_path = tmp_path / "damond.log"
-    process = spawn_daemon(
-        bus.address, log_path, "--log-level", "debug", env=env, wrapper=wrapper
-    )
+    process = spawn_daemon(bus.address, log_path, "--log-level", "debug", env=env, wrapper=wrapper)
     daemon = Damond(bus, process, client, str(log_path))
     try:
         await wait_for_name(client, BUS_NAME, DAEMON_START_TIMEOUT)
@@ -265,6 +264,34 @@ class NotifySocket:
             arrived, message = await self.next(timeout)
             if predicate(message):
                 return arrived, message
+
+
+@contextlib.asynccontextmanager
+async def notified_damond(
+    bus: PrivateBus, tmp_path: Any, watchdog_usec: int, **env: str
+) -> AsyncIterator[tuple[Damond, NotifySocket]]:
+    """The daemon with a NOTIFY_SOCKET (what systemd would receive) and WATCHDOG_USEC;
+    yields it and the socket, stops it after (the caller checks its exit if it cares)."""
+    notify = NotifySocket(str(tmp_path / "notify"))
+    client = await MessageBus(bus_address=bus.address).connect()
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec), **env}
+    daemon = await start_damond(bus, client, tmp_path, env=env)
+    try:
+        yield daemon, notify
+    finally:
+        stop_process(daemon.process)
+        client.disconnect()
+        notify.sock.close()
+
+
+def rawbus_as(user: list[str], *args: str) -> subprocess.Popen[str]:
+    """tests/rawbus.py run as user (a setpriv prefix; [] for root), with text pipes."""
+    return subprocess.Popen(
+        [*user, SYSTEM_PYTHON, str(RAWBUS), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def daemon_rss(daemon: Damond) -> int:

@@ -25,18 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import (
-    MEMBER,
-    NOBODY,
-    RAWBUS,
-    ROOT,
-    SYSTEM_PYTHON,
-    Damond,
-    NotifySocket,
-    start_damond,
-    stop_process,
-)
-from dbus_fast.aio import MessageBus
+from conftest import MEMBER, NOBODY, ROOT, Damond, NotifySocket, notified_damond, rawbus_as
 
 from damond.tools import client
 from damond.tools.privatebus import PrivateBus
@@ -149,37 +138,28 @@ async def watched(
     policy_bus: PrivateBus, tmp_path: Any
 ) -> AsyncIterator[tuple[Damond, NotifySocket]]:
     """damond on the system-like bus, with a watchdog, and root's client."""
-    notify = NotifySocket(str(tmp_path / "notify"))
-    root = await MessageBus(bus_address=policy_bus.address).connect()
-    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-    daemon = await start_damond(policy_bus, root, tmp_path, env=env)
-    try:
+    async with notified_damond(policy_bus, tmp_path, WATCHDOG_USEC) as (daemon, notify):
         await notify.until(lambda m: m == "WATCHDOG=1")
         yield daemon, notify
         log = daemon.stderr()
         assert "Traceback" not in log, log
         assert daemon.process.poll() is None, log
+        daemon.process.terminate()
+        assert daemon.process.wait(timeout=10) == 0, daemon.stderr()
+
+
+async def attack(
+    d: Damond, notify: NotifySocket, user: list[str], seconds: float, *args: str
+) -> tuple[Observed, str]:
+    """Run rawbus.py as user with args (it says it has started on its first line), and
+    observe root's side for `seconds`; then the attacker stops and says what it did."""
+    process = rawbus_as(user, args[0], d.address, *args[1:])
+    try:
+        assert process.stdout is not None and process.stdout.readline() in ("ready\n", "sent\n")
+        seen = await observe(d, notify, seconds)
     finally:
-        assert stop_process(daemon.process) == 0, daemon.stderr()
-        root.disconnect()
-        notify.sock.close()
-
-
-def attacker(user: list[str], address: str, *args: str) -> subprocess.Popen[str]:
-    """rawbus.py as user; it runs until its stdin closes."""
-    process = subprocess.Popen(
-        [*user, SYSTEM_PYTHON, str(RAWBUS), args[0], address, *args[1:]],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    return process
-
-
-def finish(process: subprocess.Popen[str]) -> str:
-    out, _ = process.communicate("", timeout=60)
-    return out
+        said, _ = process.communicate("", timeout=60)
+    return seen, said
 
 
 async def test_nobody_flooding_introspect_without_reading(
@@ -190,9 +170,11 @@ async def test_nobody_flooding_introspect_without_reading(
     that is 127 MiB, the bus reads nothing more from it. It must not be root's."""
     d, notify = watched
     await client.start_kdamonds(d.client, [sleeper.pid])
-    flood = attacker(
+    seen, sent = await attack(
+        d,
+        notify,
         NOBODY,
-        d.address,
+        90.0,
         "flood",
         f"{client.BUS_NAME},{client.PUBLIC_NAME}",
         C0,
@@ -200,11 +182,6 @@ async def test_nobody_flooding_introspect_without_reading(
         "Introspect",
         "1000",
     )
-    try:
-        assert flood.stdout is not None and flood.stdout.readline() == "ready\n"
-        seen = await observe(d, notify, 90.0)
-    finally:
-        sent = finish(flood)
     print(f"\nIntrospect flood ({sent.strip()}): {seen.report()}")
     seen.assert_root_unaffected()
     # the flood was real, and the class's own name is what it could pin: once the
@@ -233,9 +210,11 @@ async def test_group_member_bursting_get_managed_objects(
         for t in range(4):
             await client.set_property(d.client, f"{context}/targets/{t}", "org.damond1.Regions",
                                       "nr", "u", 1000)  # fmt: skip
-    burst = attacker(
+    seen, _ = await attack(
+        d,
+        notify,
         MEMBER,
-        d.address,
+        60.0,
         "burst",
         f"{client.BUS_NAME},{client.READERS_NAME}",
         ROOT,
@@ -244,11 +223,6 @@ async def test_group_member_bursting_get_managed_objects(
         "128",
         "2",
     )
-    try:
-        assert burst.stdout is not None and burst.stdout.readline() == "sent\n"
-        seen = await observe(d, notify, 60.0)
-    finally:
-        finish(burst)
     print(f"\nGetManagedObjects burst: {seen.report()}")
     seen.assert_root_unaffected()
     objects = await d.managed_objects()
@@ -267,7 +241,7 @@ async def test_subscriber_that_stops_reading(
     )
     await first_snapshot.next(timeout=10)  # GetSnapshot has data from here on
     await first_snapshot.stop()
-    stalled = attacker(MEMBER, d.address, "subscribe", "0", "1")
+    stalled = rawbus_as(MEMBER, "subscribe", d.address, "0", "1")
     try:
         assert stalled.stdout is not None and stalled.stdout.readline() == "ready\n"
         first = await _snapshot(d)
@@ -278,7 +252,7 @@ async def test_subscriber_that_stops_reading(
         last = await _snapshot(d)
         rate = (last[0] - first[0]) / (time.monotonic() - started)
     finally:
-        finish(stalled)
+        stalled.communicate("", timeout=60)
     regions = sum(len(t[2]) for t in last[3])
     print(f"({rate:.0f} aggregations/s, {regions} regions)")
     assert regions >= 900 and rate >= 100, (regions, rate)  # the load was there

@@ -213,10 +213,9 @@ async def test_forked_children_and_exec(damond: Damond) -> None:
 # --- pid reuse, end to end, in a PID namespace ----------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
-def test_a_reused_pid_is_not_monitored_as_the_old_target(
-    private_bus: Any, tmp_path: Path
-) -> None:
+def in_a_pid_namespace(scenario: str, address: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Run this file's scenario (its pid 1 the script, damond inside): its JSON result,
+    and the daemon's log."""
     out = subprocess.run(
         [
             "unshare",
@@ -225,8 +224,8 @@ def test_a_reused_pid_is_not_monitored_as_the_old_target(
             "--mount-proc",
             sys.executable,
             __file__,
-            "reuse",
-            private_bus.address,
+            scenario,
+            address,
             str(tmp_path / "damond.log"),
         ],
         capture_output=True,
@@ -236,7 +235,12 @@ def test_a_reused_pid_is_not_monitored_as_the_old_target(
     )
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    log = (tmp_path / "damond.log").read_text()
+    return result, (tmp_path / "damond.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_reused_pid_is_not_monitored_as_the_old_target(private_bus: Any, tmp_path: Path) -> None:
+    result, log = in_a_pid_namespace("reuse", private_bus.address, tmp_path)
     # B really got A's pid, while the kdamond was still on and had not looked again
     assert result["reused"], result
     assert result["on_when_reused"], result
@@ -248,22 +252,31 @@ def test_a_reused_pid_is_not_monitored_as_the_old_target(
     assert "Traceback" not in log, log
 
 
+async def _snapshots_once_served(bus: Any) -> list[tuple[float, list[Any]]]:
+    """Once damond owns its name: every Snapshot it sends from then, with arrival times."""
+    from damond.tools import client
+    from damond.tools.privatebus import wait_for_name
+
+    await wait_for_name(bus, client.BUS_NAME, 15)
+    await client.add_match(bus, client.SNAPSHOT_RULE)
+    got: list[tuple[float, list[Any]]] = []
+    bus.add_message_handler(
+        lambda m: got.append((time.time(), m.body)) if m.member == "Snapshot" else None
+    )
+    return got
+
+
 async def _reuse(address: str, log_path: str) -> dict[str, Any]:
     """Inside the namespace (we are its pid 1): damond, a target A, A's death, B on A's pid."""
     from damond.tools import client
-    from damond.tools.privatebus import spawn_daemon, wait_for_name
+    from damond.tools.privatebus import spawn_daemon
 
     bus = await client.connect(address)
     daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")
     a = subprocess.Popen(["sleep", "600"])
     b: subprocess.Popen[bytes] | None = None
     try:
-        await wait_for_name(bus, client.BUS_NAME, 15)
-        await client.add_match(bus, client.SNAPSHOT_RULE)
-        got: list[tuple[float, list[Any]]] = []
-        bus.add_message_handler(
-            lambda m: got.append((time.time(), m.body)) if m.member == "Snapshot" else None
-        )
+        got = await _snapshots_once_served(bus)
         p = client.ROOT
         await client.set_property(bus, p, "org.damond1.Kdamonds", "nr", "u", 1)
         await client.set_property(bus, K0, "org.damond1.Contexts", "nr", "u", 1)
@@ -290,9 +303,7 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
             "on_when_reused": state_then == "on",
             "state_after": state,
             "b_alive": b.poll() is None,
-            "snapshots_naming_b": [
-                body[0] for t, body in got if t > reused_at + 0.01 and body[3]
-            ],
+            "snapshots_naming_b": [body[0] for t, body in got if t > reused_at + 0.01 and body[3]],
         }
     finally:
         for proc in (a, b, daemon):
@@ -317,26 +328,7 @@ def test_a_pid_reused_after_commit_is_not_adopted(private_bus: Any, tmp_path: Pa
     """`commit` pins the new pid when it accepts it, as the kernel does: the process
     dies and its pid goes to another before the commit takes effect (the next
     aggregation), and the newcomer is not monitored."""
-    out = subprocess.run(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            sys.executable,
-            __file__,
-            "commit-reuse",
-            private_bus.address,
-            str(tmp_path / "damond.log"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).parent,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    log = (tmp_path / "damond.log").read_text()
+    result, log = in_a_pid_namespace("commit-reuse", private_bus.address, tmp_path)
     assert result["reused"] and result["before_effect"], result
     assert result["snapshots_after"] >= 2, result  # the commit has taken effect
     assert result["state_after"] == "on" and result["b_alive"], result
@@ -348,19 +340,14 @@ async def _commit_reuse(address: str, log_path: str) -> dict[str, Any]:
     """Inside the namespace: an anchor target and a second one; commit makes A the
     second, A dies right after and B gets A's pid, all before the next aggregation."""
     from damond.tools import client
-    from damond.tools.privatebus import spawn_daemon, wait_for_name
+    from damond.tools.privatebus import spawn_daemon
 
     bus = await client.connect(address)
     daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")
     anchor, first, a = (subprocess.Popen(["sleep", "600"]) for _ in range(3))
     b: subprocess.Popen[bytes] | None = None
     try:
-        await wait_for_name(bus, client.BUS_NAME, 15)
-        await client.add_match(bus, client.SNAPSHOT_RULE)
-        got: list[tuple[float, list[Any]]] = []
-        bus.add_message_handler(
-            lambda m: got.append((time.time(), m.body)) if m.member == "Snapshot" else None
-        )
+        got = await _snapshots_once_served(bus)
         await client.set_property(bus, client.ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
         await client.set_property(bus, K0, "org.damond1.Contexts", "nr", "u", 1)
         await client.set_property(bus, C0, "org.damond1.Targets", "nr", "u", 2)

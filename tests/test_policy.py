@@ -15,17 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import (
-    MEMBER,
-    NOBODY,
-    RAWBUS,
-    ROOT,
-    SYSTEM_PYTHON,
-    Damond,
-    call,
-    start_damond,
-    stop_process,
-)
+from conftest import MEMBER, NOBODY, ROOT, Damond, call, rawbus_as, start_damond, stop_process
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
@@ -119,12 +109,7 @@ ACCESS_PATTERNS = (snapshot, managed)
 
 async def snapshots_received(user: list[str], d: Damond, snapshots: int = 10) -> int:
     """How many Snapshot signals a subscriber running as user gets while root gets `snapshots`."""
-    subscriber = subprocess.Popen(
-        [*user, SYSTEM_PYTHON, str(RAWBUS), "subscribe", d.address, "1", "0"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    subscriber = rawbus_as(user, "subscribe", d.address, "1", "0")
     try:
         assert subscriber.stdout is not None
         assert subscriber.stdout.readline() == "ready\n"
@@ -228,13 +213,8 @@ def keep_signals(into: list[Message], msg: Message) -> None:
 
 
 def forge(user: list[str], d: Damond, path: str, interface: str, member: str) -> None:
-    out = subprocess.run(
-        [*user, SYSTEM_PYTHON, str(RAWBUS), "signal", d.address, path, interface, member],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.stdout.strip() == "routed", out.stdout + out.stderr
+    said, _ = rawbus_as(user, "signal", d.address, path, interface, member).communicate(timeout=30)
+    assert said.strip() == "routed", said
 
 
 async def test_only_root_sends_damonds_signals_and_clients_match_the_sender(
@@ -273,13 +253,8 @@ async def test_only_root_sends_damonds_signals_and_clients_match_the_sender(
 
 def test_only_root_may_own_the_names(policy_bus: PrivateBus) -> None:
     def own(user: list[str], name: str) -> str:
-        out = subprocess.run(
-            [*user, SYSTEM_PYTHON, str(RAWBUS), "own", policy_bus.address, name],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return out.stdout.strip()
+        said, _ = rawbus_as(user, "own", policy_bus.address, name).communicate(timeout=30)
+        return said.strip()
 
     for name in NAMES:
         assert own(NOBODY, name) == DENIED, name

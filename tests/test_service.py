@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import ROOT, Damond, NotifySocket, start_damond, stop_process
-from dbus_fast.aio import MessageBus
+from conftest import ROOT, Damond, NotifySocket, notified_damond
 
 from damond import service
 from damond.monitor.ops import kernel_damon
@@ -31,20 +30,9 @@ C0 = f"{K0}/contexts/0"
 async def notified(
     private_bus: PrivateBus, tmp_path: Any
 ) -> AsyncIterator[tuple[Damond, NotifySocket]]:
-    notify = NotifySocket(str(tmp_path / "notify"))
-    client = await MessageBus(bus_address=private_bus.address).connect()
-    env = {
-        "NOTIFY_SOCKET": notify.path,
-        "WATCHDOG_USEC": str(WATCHDOG_USEC),
-        "DAMOND_FAULT_STALL_S": str(STALL_S),
-    }
-    daemon = await start_damond(private_bus, client, tmp_path, env=env)
-    try:
-        yield daemon, notify
-    finally:
-        stop_process(daemon.process)
-        client.disconnect()
-        notify.sock.close()
+    stall = {"DAMOND_FAULT_STALL_S": str(STALL_S)}
+    async with notified_damond(private_bus, tmp_path, WATCHDOG_USEC, **stall) as served:
+        yield served
 
 
 async def test_ready_after_the_name_is_owned_then_status(
