@@ -78,7 +78,8 @@ mount -t overlay overlay \\
 cp "$BASE/check/damond-measure.service" "$BASE/check/damond-measure.target" \\
     "$BASE/overlay/root/etc/systemd/system/"
 if [ -n "$BROKER_DEB" ]; then
-    dpkg-deb -x "$BROKER_DEB" "$BASE/overlay/root"
+    # merged /usr: the package's ./lib must land in the /lib symlink, not replace it
+    dpkg-deb --fsys-tarfile "$BROKER_DEB" | tar -x -C "$BASE/overlay/root" --keep-directory-symlink
     ln -sf /lib/systemd/system/dbus-broker.service \\
         "$BASE/overlay/root/etc/systemd/system/dbus.service"
 fi
@@ -276,7 +277,7 @@ def boot(broker_deb: str) -> dict[str, Any]:
         check.chmod(0o755)
         (base / "check" / "damond-measure.service").write_text(UNIT.format(repo=REPO))
         (base / "check" / "damond-measure.target").write_text(TARGET)
-        subprocess.run(
+        booted = subprocess.run(
             ["unshare", "--mount", "--propagation=private", "sh", "-c", BOOT],
             env={**os.environ, "BASE": str(base), "REPO": str(REPO), "BROKER_DEB": broker_deb},
             stdin=subprocess.DEVNULL,
@@ -290,6 +291,8 @@ def boot(broker_deb: str) -> dict[str, Any]:
                 f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                 for p in sorted((base / "results").iterdir())
             )
+            said = booted.stdout[-5000:] + booted.stderr
+            log += f"\n--- nspawn (exit {booted.returncode})\n{said}"
             raise RuntimeError(f"the measurement did not finish:\n{log}")
         out: dict[str, Any] = json.loads(result.read_text())
         journal = (base / "results" / "journal.txt").read_text(errors="replace")
@@ -307,6 +310,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--buses", default="dbus-daemon,dbus-broker", help="which system buses to boot with"
+    )
     args = parser.parse_args()
     if args.inside:
         print(json.dumps(asyncio.run(inside())))
@@ -315,7 +321,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="damond-broker-deb-") as tmp:
         deb = broker_package(Path(tmp))
-        for which in ("", deb):
+        chosen = args.buses.split(",")
+        for which in [""] * ("dbus-daemon" in chosen) + [deb] * ("dbus-broker" in chosen):
             started = time.monotonic()
             results.append(boot(which))
             print(json.dumps(results[-1], indent=1), file=sys.stderr)
