@@ -42,7 +42,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import Message, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import ArgDirection, ErrorType, PropertyAccess
@@ -110,6 +110,14 @@ DRAIN_POLL_S = 0.01
 
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
+SNAPSHOTS_STUCK_S = 5.0
+"""A Snapshots connection that has had MAX_QUEUED_MESSAGES waiting for the bus this
+long is replaced by a new one. dbus-daemon stops reading a connection once 127 MiB
+of what it sent wait in other peers' queues: a subscriber that stops reading pins
+that much of the Snapshot stream and then stops it for everyone. Its own queue is
+full by then, so the bus drops (and frees) what is sent to it: a new connection
+is charged nothing for it, and the others receive again."""
+
 
 class Access(enum.IntEnum):
     """What a name answers; each class of peer reaches one name (the policy says who)."""
@@ -131,9 +139,12 @@ class Name:
     """What it answers; None: Peer only (it sends signals)."""
     per_caller: int | None
     """Requests one caller may have waiting; None: no cap (root's own name)."""
+    replaceable: bool = False
+    """Owned with ALLOW_REPLACEMENT, so that a new connection of damond's can take it
+    over without a moment with no owner (SNAPSHOTS_STUCK_S)."""
 
 
-SNAPSHOTS = Name(SNAPSHOTS_NAME, None, MAX_WAITING_PER_CALLER)
+SNAPSHOTS = Name(SNAPSHOTS_NAME, None, MAX_WAITING_PER_CALLER, replaceable=True)
 PUBLIC = Name(PUBLIC_NAME, Access.PUBLIC, MAX_WAITING_PER_CALLER)
 READERS = Name(READERS_NAME, Access.READ, MAX_WAITING_PER_CALLER)
 CONTROL = Name(BUS_NAME, Access.CONTROL, None)
@@ -142,6 +153,18 @@ NAMES = (SNAPSHOTS, PUBLIC, READERS, CONTROL)
 see org.damond1 (and D-Bus activation returns), every name is served."""
 
 Answer = Message | Awaitable[Message]
+Connect = Callable[[], Awaitable[MessageBus]]
+"""A new connection to the bus the daemon serves (for replacing a stuck one)."""
+
+
+async def own_name(bus: MessageBus, name: Name, replace: bool = False) -> RequestNameReply:
+    """Ask for name on bus (DBusError when the policy says no)."""
+    flags = NameFlag.DO_NOT_QUEUE
+    if name.replaceable:
+        flags |= NameFlag.ALLOW_REPLACEMENT
+    if replace:
+        flags |= NameFlag.REPLACE_EXISTING
+    return await bus.request_name(name.name, flags)
 
 
 def object_path(path: str) -> str:
@@ -277,20 +300,32 @@ class Face:
         """Requests answered LimitsExceeded (over a cap)."""
         self.stalls = 0
         """Times its replies piled up and it stopped reading."""
+        self.retired = False
+        """Replaced by a new connection: its going away is no loss."""
         self._work = asyncio.Event()
         self._gate: busio.ReadGate | None = None
-        self._server: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def attach(self) -> None:
         busio.harden(self.bus)
         self._gate = busio.ReadGate(self.bus)
         self.bus.add_message_handler(self._receive)
-        self._server = asyncio.ensure_future(self._serve())
+        self._tasks = [asyncio.ensure_future(self._serve()), asyncio.ensure_future(self._watch())]
 
     def detach(self) -> None:
         self.bus.remove_message_handler(self._receive)
-        if self._server is not None:
-            self._server.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    async def _watch(self) -> None:
+        """Tell the adapter when the bus goes away (unless this connection was retired)."""
+        error: BaseException | None = None
+        try:
+            await self.bus.wait_for_disconnect()
+        except Exception as e:  # the cause of an unexpected disconnection
+            error = e
+        if not self.retired:
+            self.adapter.connection_lost(error)
 
     def send(self, message: Message) -> None:
         if self.bus.connected:
@@ -377,11 +412,18 @@ class Face:
 class BusAdapter:
     """Serves one Tree on one connection per Name; listens to the tree for changes."""
 
-    def __init__(self, buses: Mapping[Name, MessageBus], tree: Tree) -> None:
+    def __init__(
+        self, buses: Mapping[Name, MessageBus], tree: Tree, connect: Connect | None = None
+    ) -> None:
         self.tree = tree
         self.faces = {name: Face(self, name, bus) for name, bus in buses.items()}
         self.snapshots_dropped = 0
+        self.snapshot_connections_replaced = 0
         self._last_drop_log = 0.0
+        self._connect = connect
+        self._stuck_since: float | None = None
+        self._replacing: asyncio.Task[None] | None = None
+        self._lost: asyncio.Future[BaseException | None] | None = None
         self._machine_id = _machine_id()
         self._managed = treecache.ManagedObjects(tree, self._managed_entry)
         self._introspection = treecache.Introspection(self._introspect)
@@ -389,15 +431,27 @@ class BusAdapter:
         """The marshalled latest snapshot of each context (its signal and GetSnapshot)."""
 
     def attach(self) -> None:
+        self._lost = asyncio.get_running_loop().create_future()
         for face in self.faces.values():
             face.attach()
         self.tree.listeners.append(self)
 
     def detach(self) -> None:
+        if self._replacing is not None:
+            self._replacing.cancel()
         for face in self.faces.values():
             face.detach()
         if self in self.tree.listeners:
             self.tree.listeners.remove(self)
+
+    async def wait_lost(self) -> BaseException | None:
+        """Until a connection goes away unexpectedly; what ended it (None: the bus closed it)."""
+        assert self._lost is not None, "attach() first"
+        return await asyncio.shield(self._lost)
+
+    def connection_lost(self, error: BaseException | None) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(error)
 
     # --- incoming calls -------------------------------------------------------------
 
@@ -602,16 +656,21 @@ class BusAdapter:
         face = self.faces.get(SNAPSHOTS)
         if face is None:
             return
+        now = time.monotonic()
         if busio.queued_messages(face.bus) >= MAX_QUEUED_MESSAGES:
             self.snapshots_dropped += 1
-            now = time.monotonic()
             if now - self._last_drop_log > 10:
                 self._last_drop_log = now
                 log.warning(
                     "the bus is not keeping up: dropped %d snapshot(s) so far",
                     self.snapshots_dropped,
                 )
+            if self._stuck_since is None:
+                self._stuck_since = now
+            elif now - self._stuck_since >= SNAPSHOTS_STUCK_S and self._replacing is None:
+                self._replacing = asyncio.ensure_future(self._replace(face))
             return
+        self._stuck_since = None
         body = self._snapshots[context] = (snapshot, wire.snapshot_body(snapshot))
         face.send(
             wire.prepared_signal(
@@ -622,6 +681,37 @@ class BusAdapter:
                 body[1],
             )
         )
+
+
+    async def _replace(self, stuck: Face) -> None:
+        """Move the Snapshots name to a new connection (SNAPSHOTS_STUCK_S says why)."""
+        try:
+            if self._connect is None:
+                return
+            bus = await self._connect()
+            if await own_name(bus, SNAPSHOTS, replace=True) is not RequestNameReply.PRIMARY_OWNER:
+                bus.disconnect()
+                log.warning("%s: could not move the name to a new connection", SNAPSHOTS_NAME)
+                return
+            face = Face(self, SNAPSHOTS, bus)
+            face.attach()
+            self.faces[SNAPSHOTS] = face
+            stuck.retired = True
+            stuck.detach()
+            stuck.bus.disconnect()
+            self.snapshot_connections_replaced += 1
+            log.warning(
+                "%s: the bus read nothing from its connection for %.0f s (a subscriber that "
+                "stopped reading holds it): the name moved to a new connection (%d so far)",
+                SNAPSHOTS_NAME,
+                SNAPSHOTS_STUCK_S,
+                self.snapshot_connections_replaced,
+            )
+        except Exception as e:  # the old connection keeps the name; snapshots stay dropped
+            log.warning("%s: could not move to a new connection: %s", SNAPSHOTS_NAME, e)
+        finally:
+            self._replacing = None
+            self._stuck_since = None
 
 
 def _require(name: Name, needed: Access, path: str, what: str) -> None:

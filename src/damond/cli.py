@@ -13,11 +13,11 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
+from dbus_fast import BusType, DBusError, RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from damond import service
-from damond.bus import BUS_NAME, NAMES, ROOT_PATH, BusAdapter
+from damond.bus import BUS_NAME, NAMES, ROOT_PATH, BusAdapter, Name, own_name
 from damond.hierarchy import Tree
 from damond.monitor import ops
 from damond.monitor.config import ContextConfig
@@ -99,13 +99,13 @@ async def _connect(spec: str) -> MessageBus:
         raise Fatal(f"cannot connect to the {spec} bus: {e}") from None
 
 
-async def _own_name(bus: MessageBus, name: str) -> None:
+async def _own_name(bus: MessageBus, name: Name) -> None:
     try:
-        reply = await bus.request_name(name, NameFlag.DO_NOT_QUEUE)
+        reply = await own_name(bus, name)
     except DBusError as e:
-        raise Fatal(f"not allowed to own {name} on this bus: {e.text}") from None
+        raise Fatal(f"not allowed to own {name.name} on this bus: {e.text}") from None
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        raise Fatal(f"{name} is already owned on this bus (is another damond running?)")
+        raise Fatal(f"{name.name} is already owned on this bus (is another damond running?)")
 
 
 class Daemon:
@@ -149,10 +149,10 @@ class Daemon:
             loop.add_signal_handler(signum, stop.set)
         # one connection per name: what one class of peers leaves unread pins only its own
         buses = {name: await _connect(spec) for name in NAMES}
-        adapter = BusAdapter(buses, self.tree)
+        adapter = BusAdapter(buses, self.tree, lambda: _connect(spec))
         adapter.attach()  # objects answer before the names are visible
         for name in NAMES:
-            await _own_name(buses[name], name.name)
+            await _own_name(buses[name], name)
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
         warning = kernel_damon.interference_warning()
         if warning:
@@ -169,25 +169,22 @@ class Daemon:
 
             faults.install_stall(loop)
         stopped = asyncio.ensure_future(stop.wait())
-        disconnects = [asyncio.ensure_future(b.wait_for_disconnect()) for b in buses.values()]
-        await asyncio.wait([stopped, *disconnects], return_when=asyncio.FIRST_COMPLETED)
+        lost = asyncio.ensure_future(adapter.wait_lost())
+        await asyncio.wait([stopped, lost], return_when=asyncio.FIRST_COMPLETED)
         service.notify("STOPPING=1")
         if pinger is not None:
             pinger.cancel()
-        lost = next((d for d in disconnects if d.done()), None)
-        for d in disconnects:
-            d.cancel()
-        if lost is not None:
+        if lost.done():
             stopped.cancel()
-            error = lost.exception() if not lost.cancelled() else None
             adapter.detach()
             await self.shutdown("lost the bus connection")
-            raise Fatal(f"lost the connection to the bus: {disconnect_reason(error)}")
+            raise Fatal(f"lost the connection to the bus: {disconnect_reason(lost.result())}")
+        lost.cancel()
         log.info("stopping on signal")
         await self.shutdown("daemon stopping")
         adapter.detach()
-        for b in buses.values():
-            b.disconnect()
+        for face in adapter.faces.values():
+            face.bus.disconnect()
         return 0
 
 
