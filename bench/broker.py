@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests import nspawn
+
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"
 RAWBUS = REPO / "tests" / "rawbus.py"
@@ -53,40 +55,10 @@ busctl get-property org.damond1 /org/damond1 org.damond1.Kdamonds nr
 journalctl -u damond.service -o cat > /.damond-results/journal.txt
 """
 
-UNIT = """[Unit]
-Description=damond attack measurement
-After=basic.target
-SuccessAction=poweroff-force
-FailureAction=poweroff-force
-[Service]
-Type=oneshot
-Environment=REPO={repo}
-ExecStart=/.damond-check/check.sh
-"""
-
-TARGET = """[Unit]
-Description=damond attack measurement
-Requires=basic.target damond-measure.service
-After=basic.target
-"""
-
-BOOT = """set -eu
-mount -t tmpfs tmpfs "$BASE/overlay"
-mkdir "$BASE/overlay/upper" "$BASE/overlay/work" "$BASE/overlay/root"
-mount -t overlay overlay \\
-    -o "lowerdir=/,upperdir=$BASE/overlay/upper,workdir=$BASE/overlay/work" "$BASE/overlay/root"
-cp "$BASE/check/damond-measure.service" "$BASE/check/damond-measure.target" \\
-    "$BASE/overlay/root/etc/systemd/system/"
-if [ -n "$BROKER_DEB" ]; then
-    # merged /usr: the package's ./lib must land in the /lib symlink, not replace it
-    dpkg-deb --fsys-tarfile "$BROKER_DEB" | tar -x -C "$BASE/overlay/root" --keep-directory-symlink
-    ln -sf /lib/systemd/system/dbus-broker.service \\
-        "$BASE/overlay/root/etc/systemd/system/dbus.service"
-fi
-exec systemd-nspawn --quiet -D "$BASE/overlay/root" --register=no --keep-unit \\
-    --uuid="$(tr -d - < /proc/sys/kernel/random/uuid)" --link-journal=no \\
-    --bind="$REPO" --bind="$BASE/results:/.damond-results" --bind-ro="$BASE/check:/.damond-check" \\
-    --console=pipe -b systemd.unit=damond-measure.target
+SETUP_BROKER = """
+# merged /usr: the package's ./lib must land in the /lib symlink, not replace it
+dpkg-deb --fsys-tarfile "$BROKER_DEB" | tar -x -C "$ROOT" --keep-directory-symlink
+ln -sf /lib/systemd/system/dbus-broker.service "$ROOT/etc/systemd/system/dbus.service"
 """
 
 
@@ -270,20 +242,9 @@ def boot(broker_deb: str) -> dict[str, Any]:
     """One boot of this OS under systemd-nspawn, with dbus-broker when broker_deb is set."""
     with tempfile.TemporaryDirectory(prefix="damond-broker-") as tmp:
         base = Path(tmp)
-        for sub in ("overlay", "results", "check"):
-            (base / sub).mkdir()
-        check = base / "check" / "check.sh"
-        check.write_text(CHECK)
-        check.chmod(0o755)
-        (base / "check" / "damond-measure.service").write_text(UNIT.format(repo=REPO))
-        (base / "check" / "damond-measure.target").write_text(TARGET)
-        booted = subprocess.run(
-            ["unshare", "--mount", "--propagation=private", "sh", "-c", BOOT],
-            env={**os.environ, "BASE": str(base), "REPO": str(REPO), "BROKER_DEB": broker_deb},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=1800,
+        os.environ["BROKER_DEB"] = broker_deb
+        booted = nspawn.boot(
+            base, REPO, CHECK, "attack measurement", 1800, SETUP_BROKER if broker_deb else ""
         )
         result = base / "results" / "result.json"
         if not result.exists():

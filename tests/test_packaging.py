@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nspawn  # tests/nspawn.py
 import pytest
 from dbus_fast.aio import MessageBus
 
@@ -459,11 +460,9 @@ def test_each_capability_is_what_grants_its_access(nobodys_process: tuple[int, s
 
 
 # --- The installed unit under a real systemd ---------------------------------------
-# This machine runs no systemd, so the check boots one: systemd-nspawn runs the
-# host's own OS on a throwaway overlay (tmpfs over /, in a private mount namespace),
-# and a oneshot unit in it runs CONTAINER_CHECK, which does `make install` from this
-# checkout, then uses the daemon as an operator would. Results come back as
-# key=value facts.
+# This machine runs no systemd, so the check boots one (tests/nspawn.py): a oneshot
+# unit runs CONTAINER_CHECK, which does `make install` from this checkout, then uses
+# the daemon as an operator would. Results come back as key=value facts.
 
 CONTAINER_CHECK = r"""#!/bin/sh
 exec >/.damond-results/log 2>&1
@@ -548,42 +547,11 @@ fact after_uninstall "$(show LoadState) $(systemctl is-active damond.service)"
 fact leftovers "$(ls -d /usr/local/bin/damond /usr/local/lib/damond \
     /usr/local/lib/systemd/system/damond.service /usr/local/share/doc/damond \
     /usr/local/share/dbus-1/system-services/org.damond1.service \
+    /usr/local/share/dbus-1/system-services/org.damond1.Readers.service \
+    /usr/local/share/dbus-1/system-services/org.damond1.Public.service \
     /etc/dbus-1/system.d/org.damond1.conf 2>/dev/null | wc -l)"
 fact done yes
 """
-
-CHECK_UNIT = """[Unit]
-Description=damond packaging check
-After=basic.target
-SuccessAction=poweroff-force
-FailureAction=poweroff-force
-[Service]
-Type=oneshot
-Environment=REPO={repo}
-ExecStart=/.damond-check/check.sh
-"""
-
-CHECK_TARGET = """[Unit]
-Description=damond packaging check
-Requires=basic.target damond-check.service
-After=basic.target
-"""
-
-# The check's own files sit at dot-paths no checkout can live under (CI clones
-# to /check/...: a bind at /check hid the repository).
-BOOT = """set -eu
-mount -t tmpfs tmpfs "$BASE/overlay"
-mkdir "$BASE/overlay/upper" "$BASE/overlay/work" "$BASE/overlay/root"
-mount -t overlay overlay \
-    -o "lowerdir=/,upperdir=$BASE/overlay/upper,workdir=$BASE/overlay/work" "$BASE/overlay/root"
-cp "$BASE/check/damond-check.service" "$BASE/check/damond-check.target" \
-    "$BASE/overlay/root/etc/systemd/system/"
-exec systemd-nspawn --quiet -D "$BASE/overlay/root" --register=no --keep-unit \
-    --uuid="$(tr -d - < /proc/sys/kernel/random/uuid)" --link-journal=no \
-    --bind="$REPO" --bind="$BASE/results:/.damond-results" --bind-ro="$BASE/check:/.damond-check" \
-    --console=pipe -b systemd.unit=damond-check.target
-"""
-
 
 @dataclass
 class Booted:
@@ -599,22 +567,7 @@ class Booted:
 def under_systemd(tmp_path_factory: pytest.TempPathFactory) -> Booted:
     subprocess.run([str(REPO / "scripts" / "ensure-apt"), "systemd-container"], check=True)
     base = tmp_path_factory.mktemp("systemd")
-    for sub in ("overlay", "results", "check"):
-        (base / sub).mkdir()
-    script = base / "check" / "check.sh"
-    script.write_text(CONTAINER_CHECK)
-    script.chmod(0o755)
-    (base / "check" / "damond-check.service").write_text(CHECK_UNIT.format(repo=REPO))
-    (base / "check" / "damond-check.target").write_text(CHECK_TARGET)
-    # A private mount namespace: the overlay vanishes with the container.
-    boot = subprocess.run(
-        ["unshare", "--mount", "--propagation=private", "sh", "-c", BOOT],
-        env={**os.environ, "BASE": str(base), "REPO": str(REPO)},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=MAKE_TIMEOUT,
-    )
+    boot = nspawn.boot(base, REPO, CONTAINER_CHECK, "packaging check", MAKE_TIMEOUT)
     results = base / "results"
     log = "\n".join(
         f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(results.iterdir())
