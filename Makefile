@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Debian packages the daemon, its build and its tests need (systemd-container:
-# the packaging test boots the unit under systemd-nspawn).
-APT_PACKAGES := dbus systemd systemd-container libsystemd-dev pkg-config gcc python3-dev
+# the packaging test boots the unit under systemd-nspawn; file: damo's report
+# commands, run on damondctl's records in the tests, detect a record's format with it).
+APT_PACKAGES := dbus systemd systemd-container libsystemd-dev pkg-config gcc python3-dev file
 
 .PHONY: all deps venv vm-image test lint demo bench clean install uninstall
 
@@ -13,11 +14,12 @@ all: venv
 deps:
 	@scripts/ensure-apt $(APT_PACKAGES)
 
-$(VENV)/.installed: pyproject.toml
+# The C module is built by pip (pyproject.toml's ext-modules): rebuild when it changes.
+$(VENV)/.installed: pyproject.toml src/damond/monitor/ops/_page_idle.c
 	@$(MAKE) --no-print-directory deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,tools]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -64,30 +66,37 @@ INSTALL_APT_PACKAGES := python3-venv python3-dev libsystemd-dev pkg-config gcc
 # Names whose first call starts the daemon (root's, group damond's, everyone's):
 # one activation file each, made from packaging/org.damond1.service.
 ACTIVATED_NAMES := org.damond1 org.damond1.Readers org.damond1.Public
+# Optional dependencies installed with damond: "tools" is what damondctl and
+# damond-exporter need (EXTRAS= installs the daemon's own dependencies only).
+EXTRAS          ?= tools
+# The commands linked into BINDIR from the venv.
+COMMANDS        := damond damondctl damond-exporter
 # The packaging files name /usr/local; this points them at PREFIX.
 SUBST := sed -e '/^\#/!s|/usr/local/bin/damond|$(BINDIR)/damond|g' \
              -e '/^\#/!s|/usr/local/share/doc/damond|$(DOCDIR)|g'
 
 install:
 	@scripts/ensure-apt $(INSTALL_APT_PACKAGES)
-	scripts/install-venv $(SYSTEM_PYTHON) $(CURDIR) $(DESTDIR)$(VENVDIR) $(VENVDIR)
+	scripts/install-venv $(SYSTEM_PYTHON) $(CURDIR) $(DESTDIR)$(VENVDIR) $(VENVDIR) "$(EXTRAS)"
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUS_SERVICEDIR) \
 		$(DESTDIR)$(DBUS_POLICY_DIR) $(DESTDIR)$(DOCDIR)
-	ln -sfn $(VENVDIR)/bin/damond $(DESTDIR)$(BINDIR)/damond
+	for tool in $(COMMANDS); do ln -sfn $(VENVDIR)/bin/$$tool $(DESTDIR)$(BINDIR)/$$tool; done
 	$(SUBST) packaging/damond.service > $(DESTDIR)$(UNITDIR)/damond.service
+	$(SUBST) packaging/damond-exporter.service > $(DESTDIR)$(UNITDIR)/damond-exporter.service
 	for name in $(ACTIVATED_NAMES); do \
 		$(SUBST) -e "s|^Name=org.damond1$$|Name=$$name|" packaging/org.damond1.service \
 			> $(DESTDIR)$(DBUS_SERVICEDIR)/$$name.service && \
 		chmod 0644 $(DESTDIR)$(DBUS_SERVICEDIR)/$$name.service || exit 1; \
 	done
-	chmod 0644 $(DESTDIR)$(UNITDIR)/damond.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/damond.service $(DESTDIR)$(UNITDIR)/damond-exporter.service
 	install -m 0644 packaging/dbus-policy.conf $(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
 	install -m 0644 docs/operations.md $(DESTDIR)$(DOCDIR)/operations.md
 	@scripts/install-hooks post-install "$(DESTDIR)"
 
 uninstall:
 	@scripts/install-hooks pre-uninstall "$(DESTDIR)"
-	rm -f $(DESTDIR)$(BINDIR)/damond $(DESTDIR)$(UNITDIR)/damond.service \
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(COMMANDS)) $(DESTDIR)$(UNITDIR)/damond.service \
+		$(DESTDIR)$(UNITDIR)/damond-exporter.service \
 		$(foreach name,$(ACTIVATED_NAMES),$(DESTDIR)$(DBUS_SERVICEDIR)/$(name).service) \
 		$(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
 	rm -rf $(DESTDIR)$(VENVDIR) $(DESTDIR)$(DOCDIR)

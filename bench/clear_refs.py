@@ -20,11 +20,12 @@ import numpy as np
 
 from bench.table import Column, markdown_table
 from bench.target import ChildTarget
+from damond.monitor.ops.attribution import MappingCredit
 from damond.monitor.ops.clear_refs import (
     ClearRefsAccess,
+    mapping_answers,
     parse_smaps,
     referenced_fraction,
-    sample_accessed,
 )
 from damond.monitor.ops.vaddr import parse_maps
 
@@ -86,7 +87,8 @@ def _sample(target: _Target, access: ClearRefsAccess, addrs: np.ndarray) -> dict
     read, text = _ms(proc.read, "smaps")
     parse, (maps, referenced) = _ms(parse_smaps, text)
     fraction = referenced_fraction(maps, referenced)
-    lookup, _ = _ms(sample_accessed, maps, fraction, addrs, access.rng)
+    credit = MappingCredit()
+    lookup, _ = _ms(lambda: mapping_answers(maps, credit.fire(maps, fraction), addrs))
     maps_read, maps_text = _ms(proc.read, "maps")
     maps_parse, _ = _ms(parse_maps, maps_text)
     return {
@@ -130,7 +132,7 @@ COLUMNS: list[Column] = [
     ("clear_ms", "clear_refs ms", "{:.2f}"),
     ("smaps_read_ms", "smaps read ms", "{:.2f}"),
     ("smaps_parse_ms", "smaps parse ms", "{:.2f}"),
-    ("lookup_ms", "1000 lookups ms", "{:.3f}"),
+    ("lookup_ms", "1000 answers ms", "{:.3f}"),
     ("total_ms", "per sample ms", "{:.2f}"),
     ("maps_read_ms", "maps read ms", "{:.2f}"),
     ("maps_parse_ms", "maps parse ms", "{:.2f}"),

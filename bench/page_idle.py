@@ -1,4 +1,4 @@
-"""What one page_idle sample costs per region (µs, syscalls), against clear_refs on the same target.
+"""What a sample costs per region (µs, syscalls): page_idle (C, Python), soft_dirty, clear_refs.
 
 Needs a kernel with idle page tracking, so it runs in the test guest of tests/vm:
 
@@ -14,7 +14,9 @@ same pages by physical address. clear_refs does its per-process work once per
 sample whatever N is, so its per-region cost is its sample cost / N.
 
 Syscalls are counted in separate, untimed rounds by wrapping os.pread & co.,
-and attributed to the file they went to.
+and attributed to the file they went to: the C path of page_idle makes its
+calls from C, where they are not counted (they are the Python path's calls,
+in the same runs); its rows say "in C".
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from damond.monitor.ops.page_idle import (
     PageIdleAccess,
     decode_pagemap,
 )
+from damond.monitor.ops.soft_dirty import SoftDirtyAccess
 
 MiB = 1 << 20
 SIZE = 256 * MiB
@@ -191,15 +194,21 @@ def measure(make: Callable[[], AccessCheck], target: Target, space: str, n: int)
 CASES = [
     # (label, buffer advice, space, access check)
     ("page_idle vaddr 4 KiB", "nohuge", "vaddr", "page_idle"),
+    ("page_idle (Python) vaddr 4 KiB", "nohuge", "vaddr", "page_idle python"),
     ("page_idle vaddr THP", "huge", "vaddr", "page_idle"),
+    ("page_idle (Python) vaddr THP", "huge", "vaddr", "page_idle python"),
     ("page_idle paddr 4 KiB", "nohuge", "paddr", "page_idle"),
     ("page_idle paddr THP", "huge", "paddr", "page_idle"),
+    ("soft_dirty vaddr 4 KiB", "nohuge", "vaddr", "soft_dirty"),
+    ("soft_dirty vaddr THP", "huge", "vaddr", "soft_dirty"),
     ("clear_refs vaddr 4 KiB", "nohuge", "vaddr", "clear_refs"),
     ("clear_refs vaddr THP", "huge", "vaddr", "clear_refs"),
 ]
 
 FACTORIES: dict[str, Callable[[], AccessCheck]] = {
-    "page_idle": lambda: PageIdleAccess(seed=0),
+    "page_idle": lambda: PageIdleAccess(seed=0, native=True),
+    "page_idle python": lambda: PageIdleAccess(seed=0, native=False),
+    "soft_dirty": lambda: SoftDirtyAccess(seed=0),
     "clear_refs": lambda: ClearRefsAccess(seed=0),
 }
 
@@ -221,7 +230,11 @@ def run() -> list[dict[str, Any]]:
 
 
 def _files(per_file: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.2f}" for name, value in per_file.items())
+    return ", ".join(f"{name} {value:.2f}" for name, value in per_file.items()) or "in C"
+
+
+def _calls(per_region: float) -> str:
+    return f"{per_region:.2f}" if per_region else "in C"
 
 
 COLUMNS: list[Column] = [
@@ -230,7 +243,7 @@ COLUMNS: list[Column] = [
     ("us_per_region", "µs/region (median)", "{:.1f}"),
     ("min_us_per_region", "µs/region (best)", "{:.1f}"),
     ("first_us_per_region", "µs/region (1st sample)", "{:.1f}"),
-    ("syscalls_per_region", "syscalls/region", "{:.2f}"),
+    ("syscalls_per_region", "syscalls/region", _calls),
     ("per_file", "syscalls by file", _files),
     ("syscall_us_per_region", "µs in syscalls by file", _files),
     ("accessed", "accessed", "{:.2f}"),
@@ -238,7 +251,19 @@ COLUMNS: list[Column] = [
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    return markdown_table(COLUMNS, rows)
+    """The table, and the Python path against the C one, case by case, in the same run."""
+    by_case = {(r["case"], r["regions"]): r["us_per_region"] for r in rows}
+    ratios = []
+    for (case, n), us in by_case.items():
+        c_case = (case.replace(" (Python)", ""), n)
+        if "(Python)" in case and c_case in by_case:
+            ratios.append(f"{c_case[0]} ×{n}: {us / by_case[c_case]:.1f}")
+    text = markdown_table(COLUMNS, rows)
+    if ratios:
+        text += "\n\npage_idle's Python path over its C path (median µs/region): " + "; ".join(
+            ratios
+        )
+    return text
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import clear_refs, dbus, engine, guest, page_idle, wire
+from bench import ceiling, clear_refs, damos, dbus, engine, guest, page_idle, wire, wss
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -50,6 +50,12 @@ def main() -> int:
     )
     print("damond vs the kernel's DAMON, in the test guest …", file=sys.stderr)
     guest_md = guest.markdown(guest.run())
+    print("the CPU ceiling on one large target …", file=sys.stderr)
+    ceiling_md = ceiling.markdown(ceiling.run())
+    print("working-set estimation, here and in the test guest …", file=sys.stderr)
+    wss_md = wss.markdown(wss.run())
+    print("DAMOS: damond vs the kernel's DAMOS, in the test guest …", file=sys.stderr)
+    damos_md = damos.markdown(damos.run())
     text = f"""# damond benchmarks
 
 Written by `make bench` ({Path(__file__).name}); numbers from one run.
@@ -97,26 +103,55 @@ regions, as in tests/test_attacks.py.
 
 {wire_md}
 
-## page_idle vs clear_refs per region per sample (test guest)
+## page_idle (C and Python), soft_dirty and clear_refs per region per sample (test guest)
 
 In the tests/vm guest: Linux {found["kernel"]} built from Debian's
-linux-source-6.12 with idle page tracking and DAMON, 1 vCPU under QEMU TCG
-(software emulation, roughly 10-20× slower than this host for Python; ratios
-between rows are what carries over), `python -m bench.page_idle --vm`. The
-target is a child with a 256 MiB resident anonymous buffer (4 KiB pages or
-THP), split into N equal regions; one sample = prepare (one random address per
-region), the child writes the first half, check. Only prepare and check are
-timed; syscalls are counted in separate rounds. clear_refs does its work once
-per sample whatever N is, so its per-region cost is its sample cost / N. page_idle makes
-four kernel calls per region when the sampled pages are far apart (pagemap,
-kpageflags, one bitmap word written and read back) and about two when they are
-close (1000 regions over 256 MiB share bitmap words and runs); the kpageflags
-read is the one correctness needs: without it a THP tail (whose bit never
-reads idle) or a page off the LRU lists would count as accessed.
+linux-source-6.12 with idle page tracking, soft-dirty and DAMON, 1 vCPU under
+QEMU TCG (software emulation, roughly 10-20× slower than this host for
+Python; ratios between rows are what carries over), `python -m bench.page_idle
+--vm`. The target is a child with a 256 MiB resident anonymous buffer (4 KiB
+pages or THP), split into N equal regions; one sample = prepare (one random
+address per region), the child writes the first half, check. Only prepare and
+check are timed; syscalls are counted in separate rounds (page_idle's C path
+makes the same calls as its Python path, from C, where they are not
+counted). clear_refs and soft_dirty do most of their work once per sample
+whatever N is, so their per-region cost is their sample cost / N. page_idle
+makes four kernel calls per region when the sampled pages are far apart
+(pagemap, kpageflags, one bitmap word written and read back) and about two
+when they are close (1000 regions over 256 MiB share bitmap words and runs);
+the kpageflags read is the one correctness needs: without it a THP tail
+(whose bit never reads idle) or a page off the LRU lists would count as
+accessed.
 
 {page_idle_md}
 
 {guest_md}
+
+## The CPU ceiling on one large target (this host)
+
+`python -m bench.ceiling`: a kdamond (no bus) over one child holding 4 GiB
+resident, at the default intervals, with the default `cpu_limit_pct` and
+with none. The sampling's CPU is the kdamond worker thread's.
+
+{ceiling_md}
+
+## Working-set estimation: the kernel selftest's, by each check
+
+`python -m bench.wss`. The kernel's DAMON selftest estimates a working set of
+two buffers written in turn (2 s each): 40 readings every 100 ms of the bytes
+in regions with 5 ≤ nr_accesses ≤ 20 and age ≥ 2, at the default intervals;
+the 50th and 75th percentile reading within 20 % of one buffer passes. Here
+the buffers come from malloc and share one mapping (damond.tools.pair), which
+is what per-mapping information cannot see into. damond runs through its
+engine with no CPU ceiling. In the guest, the last column is the share of the
+written buffer its writer really covers in one 5 ms window (the full pagemap
+after clearing the soft-dirty bits): an emulated CPU writes far slower than a
+real one, so where that share is low, no sampler can find nr_accesses of 5
+or more with a stable age.
+
+{wss_md}
+
+{damos_md}
 """
     OUT.write_text(text)
     print(text)

@@ -256,7 +256,7 @@ async def run_soak(
     with start_private_bus() as bus, tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "damond.log"
         client = await connect(bus.address)
-        daemon = spawn_daemon(bus.address, log_path)
+        daemon = spawn_daemon(bus.address, log_path, "--kernel-damon-admin", "off")
         subscribers: subprocess.Popen[str] | None = None
         try:
             await wait_for_name(client, "org.damond1", 15)
@@ -285,6 +285,7 @@ async def run_soak(
                 aggr_us=aggr_us,
                 min=regions,
                 max=regions,
+                cpu_limit_pct=0,  # the load is the nominal rate: no CPU ceiling stretching it
             )
             proc = psutil.Process(daemon.pid)
             bus_proc = psutil.Process(bus.process.pid)

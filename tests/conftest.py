@@ -1,10 +1,22 @@
-"""Fixtures: a real private dbus-daemon, the real damond on it, real clients."""
+"""Fixtures: a real private dbus-daemon, the real damond on it, real clients.
+
+Which backend the D-Bus tests run on: DAMOND_TEST_BACKEND (default auto).
+On the host that is always damond's own engine: every daemon the tests start
+(the fixtures', activated ones, installed ones) sees the kernel backend's
+admin tree at KERNEL_DAMON_ADMIN, which does not exist, through
+DAMOND_KERNEL_DAMON_ADMIN set here for the whole session; the host's
+/sys/kernel/mm/damon belongs to the machine. Only inside the test guest, with
+DAMOND_TEST_BACKEND=kernel, do the daemons get the guest kernel's real tree
+(tests/vm/test_guest_kernel_backend.py runs the D-Bus suite there that way).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import grp
+import os
+import platform
 import socket
 import subprocess
 import sys
@@ -22,7 +34,35 @@ from damond.tools.privatebus import PrivateBus, spawn_daemon, start_private_bus,
 
 BUS_NAME = "org.damond1"
 ROOT = "/org/damond1"
-DAEMON_START_TIMEOUT = 15.0
+MEASURED = frozenset({"effective_sample_us", "effective_aggr_us"})
+"""Context properties that change with every aggregation of a running kdamond (the
+intervals it really had), as a Snapshot does."""
+DAEMON_START_TIMEOUT = float(os.environ.get("DAMOND_TEST_START_TIMEOUT", "15"))
+"""Seconds for a daemon to own its name (the test guest, under TCG, needs more)."""
+
+ADMIN_ENV = "DAMOND_KERNEL_DAMON_ADMIN"  # damond.cli.ADMIN_ENV: the daemon's default
+KERNEL_DAMON_ADMIN = "/nonexistent/damond-tests/kernel-damon-admin"
+"""Where host-side daemons look for the kernel's admin tree: nowhere."""
+GUEST_KERNEL_DAMON_ADMIN = "/sys/kernel/mm/damon/admin"
+TEST_BACKEND = os.environ.get("DAMOND_TEST_BACKEND", "auto")
+"""The backend the D-Bus tests ask their contexts for: auto (the user backend, on the
+host), or kernel (in the test guest only)."""
+
+
+def in_test_guest() -> bool:
+    """True only in the damond test VM (tests/vm/run.py sets both)."""
+    return os.environ.get("DAMOND_IN_VM") == "1" and platform.node() == "damond-vm"
+
+
+KERNEL_BACKEND = TEST_BACKEND == "kernel"
+if KERNEL_BACKEND and not in_test_guest():
+    raise pytest.UsageError(
+        "DAMOND_TEST_BACKEND=kernel runs the kernel's own DAMON: only in the test guest "
+        "(tests/vm/test_guest_kernel_backend.py), never on a host, whose DAMON is the "
+        "machine's"
+    )
+os.environ[ADMIN_ENV] = GUEST_KERNEL_DAMON_ADMIN if KERNEL_BACKEND else KERNEL_DAMON_ADMIN
+
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "packaging" / "dbus-policy.conf"
 RAWBUS = Path(__file__).with_name("rawbus.py")
@@ -158,13 +198,18 @@ class Damond:
         self.queues.append(queue)
         return queue
 
-    async def managed_objects(self) -> dict[str, Any]:
+    async def managed_objects(self, measured: bool = False) -> dict[str, Any]:
+        """Every object's properties; without the MEASURED ones unless asked, so that
+        "nothing changed" compares what requests change, not a running kdamond's clock."""
         reply = await call(
             self.client, ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"
         )
         assert reply.message_type is MessageType.METHOD_RETURN, reply.body
         return {
-            path: {i: {k: v.value for k, v in props.items()} for i, props in ifaces.items()}
+            path: {
+                i: {k: v.value for k, v in props.items() if measured or k not in MEASURED}
+                for i, props in ifaces.items()
+            }
             for path, ifaces in reply.body[0].items()
         }
 
@@ -183,11 +228,14 @@ async def start_damond(
     client: MessageBus,
     tmp_path: Any,
     env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
     wrapper: tuple[str, ...] = (),
 ) -> Damond:
-    """Start the daemon and wait for its name to appear."""
+    """Start the daemon (with more command-line args) and wait for its name to appear."""
     log_path = tmp_path / "damond.log"
-    process = spawn_daemon(bus.address, log_path, "--log-level", "debug", env=env, wrapper=wrapper)
+    process = spawn_daemon(
+        bus.address, log_path, "--log-level", "debug", *args, env=env, wrapper=wrapper
+    )
     daemon = Damond(bus, process, client, str(log_path))
     try:
         await wait_for_name(client, BUS_NAME, DAEMON_START_TIMEOUT)
@@ -220,6 +268,50 @@ async def damond(private_bus: PrivateBus, tmp_path: Any) -> AsyncIterator[Damond
         log = daemon.stderr()
         assert "Traceback" not in log, log
         assert code == 0, f"damond exited {code}:\n{log}"
+        if KERNEL_BACKEND:  # a clean exit gives the kernel's admin tree back
+            assert kernel_tree_state()[0] == 0, (kernel_tree_state(), log)
+
+
+def kernel_tree_state() -> tuple[int, dict[str, str]]:
+    """The kernel's admin tree as the kernel backend tests see it: nr_kdamonds and every
+    file of every kdamond (state, pid, its context's staged values)."""
+    kdamonds = f"{os.environ[ADMIN_ENV]}/kdamonds"
+    with open(f"{kdamonds}/nr_kdamonds") as f:
+        nr = int(f.read())
+    files = {}
+    for k in range(nr):
+        for directory, _, names in os.walk(f"{kdamonds}/{k}"):
+            for name in names:
+                path = f"{directory}/{name}"
+                with open(path) as f:
+                    files[path.removeprefix(kdamonds + "/")] = f.read().strip()
+    return nr, files
+
+
+def is_kdamond_pid(d: Damond, pid: int) -> bool:
+    """pid is who samples for the test's backend: the daemon, or a kernel kdamond thread."""
+    if not KERNEL_BACKEND:
+        return pid == d.process.pid
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().startswith("kdamond.")
+    except OSError:
+        return False
+
+
+def start_workload(
+    hot_mib: float, cold_mib: float
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """The demo workload with buffers of these sizes; it has announced them on return."""
+    import json
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "damond.tools.workload", "--hot-mib", str(hot_mib),
+         "--cold-mib", str(cold_mib)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    return process, json.loads(process.stdout.readline())
 
 
 @pytest.fixture
@@ -233,14 +325,7 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 @pytest.fixture
 def workload() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
     """The demo workload: a hot and a cold buffer in one real process."""
-    import json
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "damond.tools.workload", "--hot-mib", "4", "--cold-mib", "16"],
-        stdout=subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    info = json.loads(process.stdout.readline())
+    process, info = start_workload(4, 16)
     yield process, info
     stop_process(process)
 

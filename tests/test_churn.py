@@ -22,6 +22,9 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, Damond, stop_process
+from pidreuse import PidGiver, Reused  # tests/pidreuse.py
+
+from damond.tools.client import ATTRIBUTE_HOMES
 
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
@@ -39,8 +42,8 @@ async def configure(d: Damond, pids: list[int], **attrs: int) -> None:
     for i, pid in enumerate(pids):
         await d.set(f"{C0}/targets/{i}", "org.damond1.Target", "pid", "i", pid)
     for name, value in attrs.items():
-        iface = "org.damond1.NrRegions" if name in ("min", "max") else "org.damond1.Intervals"
-        await d.set(C0, iface, name, "t", value)
+        iface, signature = ATTRIBUTE_HOMES.get(name, ("org.damond1.Intervals", "t"))
+        await d.set(C0, iface, name, signature, value)
 
 
 async def test_fifty_short_lived_targets(damond: Damond) -> None:
@@ -57,7 +60,9 @@ async def test_fifty_short_lived_targets(damond: Damond) -> None:
         changes = await damond.signals(
             path=K0, interface="org.freedesktop.DBus.Properties", member="PropertiesChanged"
         )
-        await configure(damond, [p.pid for p in procs], sample_us=5000, aggr_us=25000, min=3)
+        await configure(  # no CPU ceiling: 50 targets' samples are many per aggregation
+            damond, [p.pid for p in procs], sample_us=5000, aggr_us=25000, min=3, cpu_limit_pct=0
+        )
         await damond.set(K0, "org.damond1.Kdamond", "state", "s", "on")
         seen: list[set[int]] = []
         while True:
@@ -274,7 +279,8 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
     bus = await client.connect(address)
     daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")
     a = subprocess.Popen(["sleep", "600"])
-    b: subprocess.Popen[bytes] | None = None
+    giver = PidGiver()  # ahead: b must come right after a's death
+    b: Reused | None = None
     try:
         got = await _snapshots_once_served(bus)
         p = client.ROOT
@@ -290,7 +296,7 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # just after a sample: the next look is ~350 ms away
         pid = a.pid
-        b = _give_pid_to_a_new_process(a)
+        b = giver.give(a)
         reused_at = time.time()
         state_then = await client.get_property(bus, K0, "org.damond1.Kdamond", "state")
         for _ in range(300):
@@ -302,25 +308,18 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
             "reused": b.pid == pid,
             "on_when_reused": state_then == "on",
             "state_after": state,
-            "b_alive": b.poll() is None,
+            "b_alive": b.alive(),
             "snapshots_naming_b": [body[0] for t, body in got if t > reused_at + 0.01 and body[3]],
         }
     finally:
-        for proc in (a, b, daemon):
-            if proc is not None and proc.poll() is None:
+        giver.close()
+        if b is not None:
+            b.kill()
+        for proc in (a, daemon):
+            if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
         bus.disconnect()
-
-
-def _give_pid_to_a_new_process(a: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-    """Kill a, and start a `sleep` that gets a's pid (ns_last_pid of our namespace)."""
-    pid = a.pid
-    a.kill()
-    a.wait()
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pid - 1))
-    return subprocess.Popen(["sleep", "600"])
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
@@ -345,7 +344,8 @@ async def _commit_reuse(address: str, log_path: str) -> dict[str, Any]:
     bus = await client.connect(address)
     daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")
     anchor, first, a = (subprocess.Popen(["sleep", "600"]) for _ in range(3))
-    b: subprocess.Popen[bytes] | None = None
+    giver = PidGiver()  # ahead: b must come right after a's death
+    b: Reused | None = None
     try:
         got = await _snapshots_once_served(bus)
         await client.set_property(bus, client.ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
@@ -365,7 +365,7 @@ async def _commit_reuse(address: str, log_path: str) -> dict[str, Any]:
         await client.set_property(bus, f"{C0}/targets/1", "org.damond1.Target", "pid", "i", a.pid)
         await client.set_property(bus, K0, "org.damond1.Kdamond", "state", "s", "commit")
         pid = a.pid
-        b = _give_pid_to_a_new_process(a)
+        b = giver.give(a)
         reused_at = time.time()
         seen_before = len(got)
         while len([t for t, _ in got if t > reused_at]) < 2:
@@ -376,14 +376,17 @@ async def _commit_reuse(address: str, log_path: str) -> dict[str, Any]:
             "before_effect": seen_before == 1 and reused_at - committed_at < 0.5,
             "snapshots_after": len([t for t, _ in got if t > reused_at]),
             "state_after": state,
-            "b_alive": b.poll() is None,
+            "b_alive": b.alive(),
             "snapshots_naming_b": [
                 body[0] for t, body in got if t > reused_at and pid in {x[1] for x in body[3]}
             ],
         }
     finally:
-        for proc in (anchor, first, a, b, daemon):
-            if proc is not None and proc.poll() is None:
+        giver.close()
+        if b is not None:
+            b.kill()
+        for proc in (anchor, first, a, daemon):
+            if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
         bus.disconnect()

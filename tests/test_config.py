@@ -61,6 +61,11 @@ def engine(cfg: ContextConfig) -> Engine:
             "",
             f"nr_regions max ({MAX_NR_REGIONS + 1}) must be <= {MAX_NR_REGIONS}",
         ),
+        (
+            config(cpu_limit_pct=101),
+            "",
+            "cpu_limit_pct must be <= 100 (percent of one CPU; 0: no limit), is 101",
+        ),
         (config(targets=()), "", "vaddr needs at least one target (targets nr is 0)"),
         (
             config(ops.PADDR, (TargetConfig(0), TargetConfig(1))),
@@ -118,6 +123,8 @@ def test_what_the_rules_allow_runs() -> None:
     for cfg in [
         config(min_nr_regions=3, max_nr_regions=3),
         config(sample_us=100_000, aggr_us=100_000),
+        config(cpu_limit_pct=0),
+        config(cpu_limit_pct=100),
         config(ops.PADDR, (TargetConfig(0),)),
         config(ops.PADDR, ()),
         config(ops.FVADDR, (TargetConfig(0, 100, ((0x1000, 0x2000), (0x2000, 0x3000))),)),

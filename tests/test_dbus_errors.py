@@ -1,4 +1,9 @@
-"""Every error rule of docs/dbus-api.md over a real bus; after each, nothing changed."""
+"""Every error rule of docs/dbus-api.md over a real bus; after each, nothing changed.
+
+With DAMOND_TEST_BACKEND=kernel (in the test guest, tests/vm/test_guest_kernel_backend.py)
+the contexts ask for the kernel's own DAMON, and "nothing changed" includes the
+kernel's admin tree: bad input is refused before anything is written there.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import ROOT, Damond, call, start_damond, stop_process
+from conftest import (
+    KERNEL_BACKEND,
+    ROOT,
+    TEST_BACKEND,
+    Damond,
+    call,
+    kernel_tree_state,
+    start_damond,
+    stop_process,
+)
 from dbus_fast.aio import MessageBus
 
 from damond.tools.privatebus import PrivateBus
@@ -25,12 +39,14 @@ async def configure(d: Damond, pid: int) -> None:
     await d.set(ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
     await d.set(K0, "org.damond1.Contexts", "nr", "u", 1)
     await d.set(C0, "org.damond1.Context", "operations", "s", "vaddr")
+    await d.set(C0, "org.damond1.Context", "backend", "s", TEST_BACKEND)
     await d.set(C0, "org.damond1.Targets", "nr", "u", 1)
     await d.set(T0, "org.damond1.Target", "pid", "i", pid)
 
 
 async def state_of_everything(d: Damond) -> Any:
-    return (await d.get(ROOT, "org.damond1.Kdamonds", "nr"), await d.managed_objects())
+    kernel = kernel_tree_state() if KERNEL_BACKEND else None
+    return (await d.get(ROOT, "org.damond1.Kdamonds", "nr"), await d.managed_objects(), kernel)
 
 
 async def expect_error(
@@ -76,6 +92,15 @@ async def test_on_refuses_bad_attributes(
     await configure(damond, sleeper.pid)
     await damond.set(C0, iface, name, "t", value)
     await expect_error(damond, state(damond, "on"), INVALID, *words)
+    assert await damond.get(K0, "org.damond1.Kdamond", "state") == "off"
+
+
+async def test_on_refuses_a_cpu_limit_over_one_cpu(
+    damond: Damond, sleeper: subprocess.Popen[bytes]
+) -> None:
+    await configure(damond, sleeper.pid)
+    await damond.set(C0, "org.damond1.Context", "cpu_limit_pct", "u", 101)
+    await expect_error(damond, state(damond, "on"), INVALID, "cpu_limit_pct", "<= 100", C0)
     assert await damond.get(K0, "org.damond1.Kdamond", "state") == "off"
 
 

@@ -1,4 +1,9 @@
-"""Monitoring real processes through a real bus: walkthrough, snapshots, commit, exit, flood."""
+"""Monitoring real processes through a real bus: walkthrough, snapshots, commit, exit, flood.
+
+The contexts ask for conftest.TEST_BACKEND: damond's own engine on the host;
+tests/vm/test_guest_kernel_backend.py runs these tests in the test guest on the
+kernel's own DAMON (DAMOND_TEST_BACKEND=kernel).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from conftest import ROOT, Damond, call, stop_process
+import pytest
+from conftest import KERNEL_BACKEND, ROOT, TEST_BACKEND, Damond, call, is_kdamond_pid, stop_process
 
 from damond.tools.client import start_kdamonds
 
@@ -37,6 +43,9 @@ def check_snapshot_shape(body: list[Any], pid: int, max_nr: int | None = None) -
         assert prev_end <= start, "regions overlap or are unsorted"
 
 
+EFFECTIVE = ("effective_sample_us", "effective_aggr_us")
+
+
 async def test_seed_walkthrough_with_busctl(
     damond: Damond, workload: tuple[subprocess.Popen[bytes], dict[str, Any]]
 ) -> None:
@@ -49,21 +58,36 @@ async def test_seed_walkthrough_with_busctl(
     damond.busctl(*b, ROOT, "org.damond1.Kdamonds", "nr", "u", "1")
     damond.busctl(*b, K0, "org.damond1.Contexts", "nr", "u", "1")
     damond.busctl(*b, C0, "org.damond1.Context", "operations", "s", "vaddr")
+    damond.busctl(*b, C0, "org.damond1.Context", "backend", "s", TEST_BACKEND)
     damond.busctl(*b, C0, "org.damond1.Targets", "nr", "u", "1")
     damond.busctl(*b, T0, "org.damond1.Target", "pid", "i", str(process.pid))
     damond.busctl(*b, K0, "org.damond1.Kdamond", "state", "s", "on")
     get = ["get-property", "org.damond1", K0, "org.damond1.Kdamond"]
     assert damond.busctl(*get, "state").stdout.strip() == 's "on"'
-    assert damond.busctl(*get, "pid").stdout.strip() == f"i {damond.process.pid}"
+    pid = int(damond.busctl(*get, "pid").stdout.split()[1])
+    assert is_kdamond_pid(damond, pid), pid
+    measured_then = await measured_in_managed_objects(damond)
     # what auto stood for, said by the daemon (and announced) rather than guessed by clients
     context = ["get-property", "org.damond1", C0, "org.damond1.Context"]
     avail = json.loads(damond.busctl("--json=short", *context, "avail_access_checks").stdout)
     effective = damond.busctl(*context, "effective_access_check").stdout.strip()
-    assert effective == f's "{avail["data"][0]}"', (effective, avail)
+    backend = damond.busctl(*context, "effective_backend").stdout.strip()
+    if KERNEL_BACKEND:  # the kernel samples: no access check of damond's
+        assert (backend, effective) == ('s "kernel"', 's ""'), (backend, effective)
+    else:
+        assert backend == 's "user"', backend
+        assert effective == f's "{avail["data"][0]}"', (effective, avail)
     announced = (await context_changes.next()).body[1]  # the first change of C0 since nr
     while "effective_access_check" not in announced:
         announced = (await context_changes.next()).body[1]
     assert f's "{announced["effective_access_check"].value}"' == effective
+    assert f's "{announced["effective_backend"].value}"' == backend
+    # and what one of its answers stands for, said plainly: this host's auto is clear_refs
+    granularity = {"page_idle": "page", "soft_dirty": "page-writes", "clear_refs": "mapping"}
+    expected = "page" if KERNEL_BACKEND else granularity[avail["data"][0]]
+    said = damond.busctl(*context, "access_granularity").stdout.strip()
+    assert said == f's "{expected}"', said
+    assert announced["access_granularity"].value == expected
 
     bodies = [(await snapshots.next(timeout=10)).body for _ in range(12)]
     seqs = [body[0] for body in bodies]
@@ -71,8 +95,16 @@ async def test_seed_walkthrough_with_busctl(
     for body in bodies:
         check_snapshot_shape(body, process.pid, max_nr=100000 // 5000)
     gaps = [b2[1] - b1[1] for b1, b2 in zip(bodies, bodies[1:], strict=False)]
-    # about every aggr_us (100 ms); slower only when sampling itself is slow
-    assert 50_000 < statistics.median(gaps) < 300_000, gaps
+    # about every aggr_us (100 ms), slower only when sampling is slow or over its CPU
+    # ceiling (cpu_limit_pct, 10 % by default); effective_aggr_us says which it is
+    said = [int(damond.busctl(*context, n).stdout.split()[1]) for n in EFFECTIVE]
+    assert said[0] >= 5000 and said[1] >= 100_000, said
+    assert 0.7 * said[1] < statistics.median(gaps) < 1.4 * said[1], (gaps, said)
+    assert statistics.median(gaps) > 50_000, gaps
+    # not announced, but GetManagedObjects (kept marshalled) carries them a second old at most
+    measured_now = await measured_in_managed_objects(damond)
+    assert measured_now["effective_aggr_us"] > 0, measured_now
+    assert measured_now != measured_then, (measured_then, measured_now)
 
     latest = await call(damond.client, C0, "org.damond1.Context", "GetSnapshot")
     assert latest.signature == "ttua(uia(ttuu))"
@@ -83,11 +115,18 @@ async def test_seed_walkthrough_with_busctl(
     assert damond.busctl(*get, "state").stdout.strip() == 's "off"'
     assert damond.busctl(*get, "pid").stdout.strip() == "i -1"
     assert damond.busctl(*context, "effective_access_check").stdout.strip() == 's ""'
+    assert damond.busctl(*context, "effective_backend").stdout.strip() == 's ""'
+    assert damond.busctl(*context, "access_granularity").stdout.strip() == 's ""'
+
+
+async def measured_in_managed_objects(d: Damond) -> dict[str, int]:
+    context = (await d.managed_objects(measured=True))[C0]["org.damond1.Context"]
+    return {name: context[name] for name in EFFECTIVE}
 
 
 async def configure_and_start(d: Damond, pid: int, **attrs: int) -> None:
     """kdamond 0 monitors pid (vaddr) with these Intervals/NrRegions, and is on."""
-    await start_kdamonds(d.client, [pid], **attrs)
+    await start_kdamonds(d.client, [pid], TEST_BACKEND, **attrs)
 
 
 async def test_hot_and_cold_buffers_are_told_apart(
@@ -127,10 +166,9 @@ async def test_target_exit_turns_the_kdamond_off(damond: Damond) -> None:
         on = await changes.next()
         while on.body[0] != "org.damond1.Kdamond":  # Contexts.nr came first
             on = await changes.next()
-        assert {k: v.value for k, v in on.body[1].items()} == {
-            "state": "on",
-            "pid": damond.process.pid,
-        }
+        said = {k: v.value for k, v in on.body[1].items()}
+        assert said.keys() == {"state", "pid"} and said["state"] == "on", said
+        assert is_kdamond_pid(damond, said["pid"]), said
         target.kill()
         target.wait()
         off = await changes.next(timeout=10)
@@ -275,9 +313,12 @@ async def test_a_stalled_bus_costs_snapshots_not_memory(
     damond: Damond, sleeper: subprocess.Popen[bytes]
 ) -> None:
     """The bus stops reading (SIGSTOP) under 1000-region snapshots every ms: the
-    daemon queues a bounded number, drops the rest, and carries on afterwards."""
+    daemon queues a bounded number, drops the rest, and carries on afterwards.
+    No CPU ceiling: the sampler must run flat out to flood the bus."""
     first = await damond.signals(path=C0, interface="org.damond1.Context", member="Snapshot")
-    await configure_and_start(damond, sleeper.pid, sample_us=1000, aggr_us=1000, min=1000, max=1000)
+    await configure_and_start(
+        damond, sleeper.pid, sample_us=1000, aggr_us=1000, min=1000, max=1000, cpu_limit_pct=0
+    )
     await first.next(timeout=10)
     await first.stop()
     seq_before = (await call(damond.client, C0, "org.damond1.Context", "GetSnapshot")).body[0]
@@ -302,3 +343,44 @@ async def test_a_stalled_bus_costs_snapshots_not_memory(
     await damond.set(K0, "org.damond1.Kdamond", "state", "s", "off")
     assert "dropped" in damond.stderr()
     assert "lost the connection" not in damond.stderr()
+
+
+async def test_the_cpu_ceiling_stretches_sampling_and_says_so(damond: Damond) -> None:
+    """clear_refs walks every page of the target each sample: on 70 MiB that costs more
+    than 10 % of a CPU at 5 ms. The default ceiling stretches the interval, the daemon's
+    CPU stays near it, effective_* and the log say so; lifting it (commit) speeds up."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "damond.tools.workload", "--hot-mib", "6", "--cold-mib", "64"],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.readline()
+    try:
+        snapshots = await damond.signals(
+            path=C0, interface="org.damond1.Context", member="Snapshot"
+        )
+        await configure_and_start(damond, process.pid)
+        assert await damond.get(C0, "org.damond1.Context", "cpu_limit_pct") == 10
+        await snapshots.next(timeout=30)  # the first aggregation learns what a sample costs
+        daemon = psutil.Process(damond.process.pid)
+        cpu0, t0 = sum(daemon.cpu_times()[:2]), time.monotonic()
+        bodies = [(await snapshots.next(timeout=30)).body for _ in range(3)]
+        share = (sum(daemon.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+        sample_us, aggr_us = [await damond.get(C0, "org.damond1.Context", n) for n in EFFECTIVE]
+        assert sample_us > 1.2 * 5000, (sample_us, aggr_us)
+        assert aggr_us == pytest.approx(20 * sample_us, rel=0.01)
+        gaps = [b2[1] - b1[1] for b1, b2 in zip(bodies, bodies[1:], strict=False)]
+        assert statistics.median(gaps) == pytest.approx(aggr_us, rel=0.3), (gaps, aggr_us)
+        assert share < 0.15, f"the daemon used {share:.0%} of a CPU under a 10 % ceiling"
+        log = damond.stderr()
+        assert "kdamond 0 falls behind: a sample every" in log, log
+        assert "cpu_limit_pct 10 stretches the interval" in log, log
+
+        await damond.set(C0, "org.damond1.Context", "cpu_limit_pct", "u", 0)
+        await damond.set(K0, "org.damond1.Kdamond", "state", "s", "commit")
+        for _ in range(3):  # the commit applies at an aggregation; the next one is free
+            await snapshots.next(timeout=30)
+        unlimited = await damond.get(C0, "org.damond1.Context", "effective_sample_us")
+        assert unlimited < sample_us / 1.5, (unlimited, sample_us)
+    finally:
+        stop_process(process)

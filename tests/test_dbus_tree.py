@@ -21,6 +21,13 @@ CONTRACT = {
             "access_check": ("s", "readwrite"),
             "avail_access_checks": ("as", "read"),
             "effective_access_check": ("s", "read"),
+            "backend": ("s", "readwrite"),
+            "avail_backends": ("as", "read"),
+            "effective_backend": ("s", "read"),
+            "access_granularity": ("s", "read"),
+            "cpu_limit_pct": ("u", "readwrite"),
+            "effective_sample_us": ("t", "read"),
+            "effective_aggr_us": ("t", "read"),
         },
         "org.damond1.Intervals": {
             "sample_us": ("t", "readwrite"),
@@ -29,12 +36,63 @@ CONTRACT = {
         },
         "org.damond1.NrRegions": {"min": ("t", "readwrite"), "max": ("t", "readwrite")},
         "org.damond1.Targets": {"nr": ("u", "readwrite")},
+        "org.damond1.Schemes": {"nr": ("u", "readwrite")},
     },
     "target": {
         "org.damond1.Target": {"pid": ("i", "readwrite")},
         "org.damond1.Regions": {"nr": ("u", "readwrite")},
     },
     "region": {"org.damond1.Region": {"start": ("t", "readwrite"), "end": ("t", "readwrite")}},
+    "scheme": {
+        "org.damond1.Scheme": {
+            "action": ("s", "readwrite"),
+            "avail_actions": ("as", "read"),
+            "apply_interval_us": ("t", "readwrite"),
+        },
+        "org.damond1.AccessPattern": {
+            "sz_min": ("t", "readwrite"),
+            "sz_max": ("t", "readwrite"),
+            "nr_accesses_min": ("u", "readwrite"),
+            "nr_accesses_max": ("u", "readwrite"),
+            "age_min": ("u", "readwrite"),
+            "age_max": ("u", "readwrite"),
+        },
+        "org.damond1.Quotas": {
+            "ms": ("t", "readwrite"),
+            "bytes": ("t", "readwrite"),
+            "reset_interval_ms": ("t", "readwrite"),
+            "weight_sz": ("u", "readwrite"),
+            "weight_nr_accesses": ("u", "readwrite"),
+            "weight_age": ("u", "readwrite"),
+            "effective_bytes": ("t", "read"),
+        },
+        "org.damond1.Watermarks": {
+            "metric": ("s", "readwrite"),
+            "interval_us": ("t", "readwrite"),
+            "high": ("t", "readwrite"),
+            "mid": ("t", "readwrite"),
+            "low": ("t", "readwrite"),
+        },
+        "org.damond1.Filters": {"nr": ("u", "readwrite")},
+        "org.damond1.SchemeStats": {
+            "nr_tried": ("t", "read"),
+            "sz_tried": ("t", "read"),
+            "nr_applied": ("t", "read"),
+            "sz_applied": ("t", "read"),
+            "qt_exceeds": ("t", "read"),
+        },
+    },
+    "filter": {
+        "org.damond1.Filter": {
+            "type": ("s", "readwrite"),
+            "matching": ("b", "readwrite"),
+            "allow": ("b", "readwrite"),
+            "memcg_path": ("s", "readwrite"),
+            "addr_start": ("t", "readwrite"),
+            "addr_end": ("t", "readwrite"),
+            "target_idx": ("u", "readwrite"),
+        }
+    },
 }
 STANDARD = {
     "org.freedesktop.DBus.Introspectable",
@@ -48,6 +106,12 @@ DEFAULTS = {
     ("org.damond1.Context", "operations"): "vaddr",
     ("org.damond1.Context", "access_check"): "auto",
     ("org.damond1.Context", "effective_access_check"): "",
+    ("org.damond1.Context", "backend"): "auto",
+    ("org.damond1.Context", "effective_backend"): "",
+    ("org.damond1.Context", "access_granularity"): "",
+    ("org.damond1.Context", "cpu_limit_pct"): 10,
+    ("org.damond1.Context", "effective_sample_us"): 0,
+    ("org.damond1.Context", "effective_aggr_us"): 0,
     ("org.damond1.Intervals", "sample_us"): 5000,
     ("org.damond1.Intervals", "aggr_us"): 100000,
     ("org.damond1.Intervals", "update_us"): 60000000,
@@ -58,11 +122,47 @@ DEFAULTS = {
     ("org.damond1.Regions", "nr"): 0,
     ("org.damond1.Region", "start"): 0,
     ("org.damond1.Region", "end"): 0,
+    ("org.damond1.Schemes", "nr"): 0,
+    ("org.damond1.Scheme", "action"): "stat",
+    ("org.damond1.Scheme", "apply_interval_us"): 0,
+    ("org.damond1.AccessPattern", "sz_min"): 0,
+    ("org.damond1.AccessPattern", "sz_max"): 2**64 - 1,
+    ("org.damond1.AccessPattern", "nr_accesses_min"): 0,
+    ("org.damond1.AccessPattern", "nr_accesses_max"): 2**32 - 1,
+    ("org.damond1.AccessPattern", "age_min"): 0,
+    ("org.damond1.AccessPattern", "age_max"): 2**32 - 1,
+    ("org.damond1.Quotas", "ms"): 0,
+    ("org.damond1.Quotas", "bytes"): 0,
+    ("org.damond1.Quotas", "reset_interval_ms"): 0,
+    ("org.damond1.Quotas", "weight_sz"): 0,
+    ("org.damond1.Quotas", "weight_nr_accesses"): 0,
+    ("org.damond1.Quotas", "weight_age"): 0,
+    ("org.damond1.Quotas", "effective_bytes"): 0,
+    ("org.damond1.Watermarks", "metric"): "none",
+    ("org.damond1.Watermarks", "interval_us"): 0,
+    ("org.damond1.Watermarks", "high"): 0,
+    ("org.damond1.Watermarks", "mid"): 0,
+    ("org.damond1.Watermarks", "low"): 0,
+    ("org.damond1.Filters", "nr"): 0,
+    ("org.damond1.SchemeStats", "nr_tried"): 0,
+    ("org.damond1.SchemeStats", "sz_tried"): 0,
+    ("org.damond1.SchemeStats", "nr_applied"): 0,
+    ("org.damond1.SchemeStats", "sz_applied"): 0,
+    ("org.damond1.SchemeStats", "qt_exceeds"): 0,
+    ("org.damond1.Filter", "type"): "anon",
+    ("org.damond1.Filter", "matching"): False,
+    ("org.damond1.Filter", "allow"): False,
+    ("org.damond1.Filter", "memcg_path"): "",
+    ("org.damond1.Filter", "addr_start"): 0,
+    ("org.damond1.Filter", "addr_end"): 0,
+    ("org.damond1.Filter", "target_idx"): 0,
 }
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
 T0 = f"{C0}/targets/0"
 R0 = f"{T0}/regions/0"
+S0 = f"{C0}/schemes/0"
+F0 = f"{S0}/filters/0"
 
 
 async def build_full_tree(d: Damond) -> None:
@@ -70,6 +170,8 @@ async def build_full_tree(d: Damond) -> None:
     await d.set(K0, "org.damond1.Contexts", "nr", "u", 1)
     await d.set(C0, "org.damond1.Targets", "nr", "u", 1)
     await d.set(T0, "org.damond1.Regions", "nr", "u", 1)
+    await d.set(C0, "org.damond1.Schemes", "nr", "u", 1)
+    await d.set(S0, "org.damond1.Filters", "nr", "u", 1)
 
 
 async def introspect(d: Damond, path: str) -> ET.Element:
@@ -85,6 +187,8 @@ async def test_introspection_matches_contract(damond: Damond) -> None:
         ("context", C0),
         ("target", T0),
         ("region", R0),
+        ("scheme", S0),
+        ("filter", F0),
     ]:
         node = await introspect(damond, path)
         seen = {
@@ -106,6 +210,24 @@ async def test_introspection_matches_contract(damond: Damond) -> None:
     method = iface.find("method[@name='GetSnapshot']")
     assert method is not None
     assert "".join(a.get("type") or "" for a in method.findall("arg")) == "ttua(uia(ttuu))"
+    # the effective intervals change with every aggregation: never announced, and said so
+    unannounced = {
+        p.get("name")
+        for p in iface.findall("property")
+        if any(
+            a.get("name") == "org.freedesktop.DBus.Property.EmitsChangedSignal"
+            and a.get("value") == "false"
+            for a in p.findall("annotation")
+        )
+    }
+    assert unannounced == {"effective_sample_us", "effective_aggr_us"}
+    scheme = await introspect(damond, S0)
+    iface = next(i for i in scheme.findall("interface") if i.get("name") == "org.damond1.Scheme")
+    method = iface.find("method[@name='GetTriedRegions']")
+    assert method is not None
+    assert [(a.get("type"), a.get("direction")) for a in method.findall("arg")] == [
+        ("a(uttuu)", "out")
+    ]
 
 
 async def test_busctl_introspect_shows_types(damond: Damond) -> None:
@@ -128,6 +250,10 @@ async def test_defaults(damond: Damond) -> None:
     await damond.set(C0, "org.damond1.Targets", "nr", "u", 1)
     assert await damond.get(T0, "org.damond1.Regions", "nr") == 0
     await damond.set(T0, "org.damond1.Regions", "nr", "u", 1)
+    assert await damond.get(C0, "org.damond1.Schemes", "nr") == 0
+    await damond.set(C0, "org.damond1.Schemes", "nr", "u", 1)
+    assert await damond.get(S0, "org.damond1.Filters", "nr") == 0
+    await damond.set(S0, "org.damond1.Filters", "nr", "u", 1)
     paths = {
         "org.damond1.Kdamond": K0,
         "org.damond1.Context": C0,
@@ -135,6 +261,8 @@ async def test_defaults(damond: Damond) -> None:
         "org.damond1.NrRegions": C0,
         "org.damond1.Target": T0,
         "org.damond1.Region": R0,
+        **{iface: S0 for iface in CONTRACT["scheme"]},
+        "org.damond1.Filter": F0,
     }
     for (iface, name), value in DEFAULTS.items():
         if name != "nr":

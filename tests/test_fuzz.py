@@ -60,31 +60,85 @@ KINDS: dict[str, list[tuple[str, str, str, bool]]] = {
         ("org.damond1.NrRegions", "min", "t", True),
         ("org.damond1.NrRegions", "max", "t", True),
         ("org.damond1.Targets", "nr", "u", True),
+        ("org.damond1.Schemes", "nr", "u", True),
     ],
     "target": [("org.damond1.Target", "pid", "i", True), ("org.damond1.Regions", "nr", "u", True)],
     "region": [
         ("org.damond1.Region", "start", "t", True),
         ("org.damond1.Region", "end", "t", True),
     ],
+    "scheme": [
+        ("org.damond1.Scheme", "action", "s", True),
+        ("org.damond1.Scheme", "avail_actions", "as", False),
+        ("org.damond1.Scheme", "apply_interval_us", "t", True),
+        *[("org.damond1.AccessPattern", n, "t", True) for n in ("sz_min", "sz_max")],
+        *[
+            ("org.damond1.AccessPattern", n, "u", True)
+            for n in ("nr_accesses_min", "nr_accesses_max", "age_min", "age_max")
+        ],
+        *[("org.damond1.Quotas", n, "t", True) for n in ("ms", "bytes", "reset_interval_ms")],
+        *[
+            ("org.damond1.Quotas", n, "u", True)
+            for n in ("weight_sz", "weight_nr_accesses", "weight_age")
+        ],
+        ("org.damond1.Quotas", "effective_bytes", "t", False),
+        ("org.damond1.Watermarks", "metric", "s", True),
+        *[("org.damond1.Watermarks", n, "t", True) for n in ("interval_us", "high", "mid", "low")],
+        ("org.damond1.Filters", "nr", "u", True),
+        *[
+            ("org.damond1.SchemeStats", n, "t", False)
+            for n in ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
+        ],
+    ],
+    "filter": [
+        ("org.damond1.Filter", "type", "s", True),
+        ("org.damond1.Filter", "matching", "b", True),
+        ("org.damond1.Filter", "allow", "b", True),
+        ("org.damond1.Filter", "memcg_path", "s", True),
+        ("org.damond1.Filter", "addr_start", "t", True),
+        ("org.damond1.Filter", "addr_end", "t", True),
+        ("org.damond1.Filter", "target_idx", "u", True),
+    ],
 }
-COLLECTION = {"root": "kdamonds", "kdamond": "contexts", "context": "targets", "target": "regions"}
-NR_IFACE = {
-    "root": "org.damond1.Kdamonds",
-    "kdamond": "org.damond1.Contexts",
-    "context": "org.damond1.Targets",
-    "target": "org.damond1.Regions",
+NR_IFACES = {
+    "root": {"org.damond1.Kdamonds": "kdamonds"},
+    "kdamond": {"org.damond1.Contexts": "contexts"},
+    "context": {"org.damond1.Targets": "targets", "org.damond1.Schemes": "schemes"},
+    "target": {"org.damond1.Regions": "regions"},
+    "scheme": {"org.damond1.Filters": "filters"},
 }
+"""Each kind's nr interfaces and the collection each governs."""
+KIND_OF_COLLECTION = {
+    "kdamonds": "kdamond",
+    "contexts": "context",
+    "targets": "target",
+    "regions": "region",
+    "schemes": "scheme",
+    "filters": "filter",
+}
+VOLATILE = {"org.damond1.SchemeStats": None, "org.damond1.Quotas": "effective_bytes"}
+"""What changes by itself while a kdamond runs (a scheme's results): left out of the
+before/after comparisons. None: the whole interface."""
 
 
 def kind_of(path: str) -> str:
-    depth = 0 if path == ROOT else len(path[len(ROOT) + 1 :].split("/")) // 2
-    return ["root", "kdamond", "context", "target", "region"][depth]
+    """The kind of object at path ("root", "scheme", ...); "" where none can be."""
+    if path == ROOT:
+        return "root"
+    parts = path[len(ROOT) + 1 :].split("/")
+    if len(parts) % 2:
+        return ""
+    return KIND_OF_COLLECTION.get(parts[-2], "")
 
 
 
 # --- strategies -----------------------------------------------------------------------------
 
-KEYWORDS = ["on", "off", "commit", "vaddr", "fvaddr", "paddr", "auto", "clear_refs", "page_idle"]
+KEYWORDS = [
+    *("on", "off", "commit", "vaddr", "fvaddr", "paddr", "auto", "clear_refs", "page_idle"),
+    *("stat", "pageout", "cold", "willneed", "hugepage", "nohugepage", "lru_prio"),
+    *("none", "free_mem_rate", "anon", "addr", "target", "memcg", "young", "/sys/fs/cgroup"),
+]
 texts = st.one_of(
     st.sampled_from(KEYWORDS),
     st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12),
@@ -135,7 +189,8 @@ def paths(draw: st.DrawFn) -> str:
     """Mostly paths that may exist (small indices), sometimes ones that cannot."""
     depth = draw(st.integers(0, 4))
     parts = [ROOT]
-    for collection in ["kdamonds", "contexts", "targets", "regions"][:depth]:
+    below_context = draw(st.sampled_from([["targets", "regions"], ["schemes", "filters"]]))
+    for collection in ["kdamonds", "contexts", *below_context][:depth]:
         index = draw(
             st.one_of(st.integers(0, 1), st.integers(0, 1), st.sampled_from([2, "00", "9999", "x"]))
         )
@@ -144,8 +199,8 @@ def paths(draw: st.DrawFn) -> str:
     return draw(st.one_of(st.just(path), st.just(path), st.just(path), st.just(path + "/nope")))
 
 
-def nr_step(path: str, kind: str, nr: int) -> Step:
-    return Step("set", path, PROPS, "Set", "ssv", (NR_IFACE[kind], "nr", Variant("u", nr)))
+def nr_step(path: str, iface: str, nr: int) -> Step:
+    return Step("set", path, PROPS, "Set", "ssv", (iface, "nr", Variant("u", nr)))
 
 
 @st.composite
@@ -153,16 +208,25 @@ def trees(draw: st.DrawFn) -> list[Step]:
     """nr writes, top down, that build a small tree for the random steps to work on."""
     out = []
     kdamonds = draw(st.integers(0, 3))
-    out.append(nr_step(ROOT, "root", kdamonds))
+    out.append(nr_step(ROOT, "org.damond1.Kdamonds", kdamonds))
     for k in range(kdamonds):
         kd = f"{ROOT}/kdamonds/{k}"
         if not draw(st.integers(0, 3)):
             continue
-        out.append(nr_step(kd, "kdamond", 1))
+        out.append(nr_step(kd, "org.damond1.Contexts", 1))
+        context = f"{kd}/contexts/0"
         targets = draw(st.integers(0, 3))
-        out.append(nr_step(f"{kd}/contexts/0", "context", targets))
+        out.append(nr_step(context, "org.damond1.Targets", targets))
         for t in range(targets):
-            out.append(nr_step(f"{kd}/contexts/0/targets/{t}", "target", draw(st.integers(0, 3))))
+            out.append(
+                nr_step(f"{context}/targets/{t}", "org.damond1.Regions", draw(st.integers(0, 3)))
+            )
+        schemes = draw(st.integers(0, 2))
+        out.append(nr_step(context, "org.damond1.Schemes", schemes))
+        for sc in range(schemes):
+            out.append(
+                nr_step(f"{context}/schemes/{sc}", "org.damond1.Filters", draw(st.integers(0, 2)))
+            )
     return out
 
 
@@ -191,10 +255,9 @@ def steps(draw: st.DrawFn, pid: int) -> Step:
         # "typed": the right signature with a random value; "set": any signature
         value = draw(variants(pid, sig if choice == "typed" else None))
         return Step("set", path, PROPS, "Set", "ssv", (iface, name, value))
-    if choice == "nr" and kind in NR_IFACE:
-        return Step(
-            "set", path, PROPS, "Set", "ssv", (NR_IFACE[kind], "nr", Variant("u", draw(u32)))
-        )
+    if choice == "nr" and kind in NR_IFACES:
+        iface = draw(st.sampled_from(sorted(NR_IFACES[kind])))
+        return nr_step(path, iface, draw(u32))
     if choice == "state":
         k = draw(st.integers(0, 2))
         cmd = draw(st.sampled_from(["on", "on", "off", "commit", "start", ""]))
@@ -211,6 +274,8 @@ def steps(draw: st.DrawFn, pid: int) -> Step:
             [
                 ("GetSnapshot", "", ()),
                 ("GetSnapshot", "s", ("x",)),
+                ("GetTriedRegions", "", ()),
+                ("GetTriedRegions", "u", (1,)),
                 ("GetManagedObjects", "", ()),
                 ("Introspect", "", ()),
                 ("Get", "ss", ("org.damond1.Kdamonds", "nr")),
@@ -224,6 +289,7 @@ def steps(draw: st.DrawFn, pid: int) -> Step:
     )
     iface = {
         "GetSnapshot": "org.damond1.Context",
+        "GetTriedRegions": "org.damond1.Scheme",
         "GetManagedObjects": "org.freedesktop.DBus.ObjectManager",
         "Introspect": "org.freedesktop.DBus.Introspectable",
         "Nope": "org.damond1.Context",
@@ -236,25 +302,37 @@ def steps(draw: st.DrawFn, pid: int) -> Step:
 
 def check_consistent(objects: dict[str, dict[str, dict[str, Any]]], root_nr: int) -> None:
     """Every object's parent exists and names it among 0..nr-1; every nr has its children."""
-    nrs = {ROOT: root_nr}
+    nrs = {(ROOT, "kdamonds"): root_nr}
     for path, ifaces in objects.items():
         kind = kind_of(path)
-        if kind in NR_IFACE:
-            nrs[path] = ifaces[NR_IFACE[kind]]["nr"]
+        for iface, collection in NR_IFACES.get(kind, {}).items():
+            nrs[(path, collection)] = ifaces[iface]["nr"]
         expected = {iface for iface, _, _, _ in KINDS[kind]}
         assert set(ifaces) == expected, (path, set(ifaces))
-    children: dict[str, list[int]] = {p: [] for p in nrs}
+    children: dict[tuple[str, str], list[int]] = {p: [] for p in nrs}
     for path in objects:
         parent, _, index = path.rpartition("/")
-        parent = parent.rpartition("/")[0]
-        assert parent in nrs, f"{path} has no parent object"
-        children[parent].append(int(index))
+        parent, _, collection = parent.rpartition("/")
+        assert (parent, collection) in nrs, f"{path} has no parent object"
+        children[(parent, collection)].append(int(index))
     for parent, nr in nrs.items():
         assert sorted(children[parent]) == list(range(nr)), (parent, nr, sorted(children[parent]))
 
 
 async def snapshot_tree(d: Damond) -> tuple[int, dict[str, Any]]:
-    return await d.get(ROOT, "org.damond1.Kdamonds", "nr"), await d.managed_objects()
+    """Kdamonds.nr and every object's properties, but the VOLATILE ones."""
+    objects = {
+        path: {
+            iface: {
+                name: value
+                for name, value in props.items()
+                if iface not in VOLATILE or VOLATILE[iface] not in (None, name)
+            }
+            for iface, props in ifaces.items()
+        }
+        for path, ifaces in (await d.managed_objects()).items()
+    }
+    return await d.get(ROOT, "org.damond1.Kdamonds", "nr"), objects
 
 
 def expected_after_set(
@@ -306,11 +384,7 @@ async def run_step(d: Damond, step: Step, pid: int) -> None:
         nr = await d.get(step.path, iface, "nr")
         assert nr == value.value
         # kept children keep their values: everything outside the collection is as before
-        prefix = (
-            f"{step.path}/{COLLECTION[kind_of(step.path)]}/"
-            if step.path != ROOT
-            else f"{ROOT}/kdamonds/"
-        )
+        prefix = f"{step.path}/{NR_IFACES[kind_of(step.path)][iface]}/"
         for p, props in before[1].items():
             if p == step.path:
                 props = {**props, iface: {"nr": nr}}

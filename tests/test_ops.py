@@ -24,7 +24,8 @@ from ops_helpers import ChildProcess, assert_gone, registry_with  # tests/ops_he
 from damond.monitor import ops
 from damond.monitor.config import PAGE_SIZE, TargetConfig
 from damond.monitor.ops import TargetGone, Unsupported
-from damond.monitor.ops.clear_refs import ClearRefsAccess, parse_smaps, sample_accessed
+from damond.monitor.ops.attribution import MappingCredit
+from damond.monitor.ops.clear_refs import ClearRefsAccess, mapping_answers, parse_smaps
 from damond.monitor.ops.common import aligned_ranges, mapping_index
 from damond.monitor.ops.paddr import PaddrSpace, parse_iomem, system_ram
 from damond.monitor.ops.process import ProcessTable, TargetProcess
@@ -376,11 +377,19 @@ def test_clear_refs_sees_touched_and_untouched_mappings(child: Child) -> None:
         assert access.check(child.target, hot).mean() > 0.99
         assert not access.check(child.target, cold).any()
 
-        access.prepare(child.target, hot)
-        child.send(f"touch {32 * MiB}")
-        # per mapping, not per page: any address of hot is accessed with p = 1/2
-        assert 0.4 < access.check(child.target, hot).mean() < 0.6
-        assert not access.check(child.target, cold).any()
+        # per mapping, not per page: with half of hot touched each sample, every sampled
+        # page of hot answers alike, accessed in half the samples (never by chance: a
+        # coin flip per page would split each sample's answers)
+        answers = []
+        both = np.concatenate([hot, cold])  # one check per sample, as the engine makes
+        for _ in range(8):
+            access.prepare(child.target, both)
+            child.send(f"touch {32 * MiB}")
+            found = access.check(child.target, both)
+            answers.append(found[: len(hot)])
+            assert not found[len(hot) :].any()
+        assert all(a.all() or not a.any() for a in answers)
+        assert 3 <= sum(bool(a[0]) for a in answers) <= 5, [bool(a[0]) for a in answers]
         unmapped = np.array([0, PAGE_SIZE, 1 << 62], np.uint64)
         assert not access.check(child.target, unmapped).any()
     finally:
@@ -434,16 +443,33 @@ def test_clear_refs_permission_error_names_the_file(
         access.close()
 
 
-def test_sample_accessed_uses_the_mappings_fraction() -> None:
-    maps = np.array([[0, 100 * PAGE_SIZE], [200 * PAGE_SIZE, 300 * PAGE_SIZE]], np.uint64)
-    fraction = np.array([0.25, 1.0])
-    rng = np.random.default_rng(0)
-    first = sample_accessed(maps, fraction, addrs_in((0, 100 * PAGE_SIZE), 4000), rng)
-    assert 0.22 < first.mean() < 0.28
-    second = sample_accessed(maps, fraction, addrs_in((200 * PAGE_SIZE, 300 * PAGE_SIZE), 50), rng)
-    assert second.all()
-    gap = sample_accessed(maps, fraction, addrs_in((100 * PAGE_SIZE, 200 * PAGE_SIZE), 50), rng)
-    assert not gap.any()
+P = PAGE_SIZE
+
+
+def test_mapping_credit_counts_each_mappings_fraction_in_whole_samples() -> None:
+    maps = np.array([[0, 100 * P], [200 * P, 300 * P], [400 * P, 500 * P]], np.uint64)
+    credit = MappingCredit()
+    fired = [credit.fire(maps, np.array([0.25, 1.0, 0.0])) for _ in range(8)]
+    assert np.sum(fired, axis=0).tolist() == [2, 8, 0]
+    addrs = np.concatenate([addrs_in((0, 100 * P), 50), addrs_in((100 * P, 200 * P), 5)])
+    answers = mapping_answers(maps, fired[3], addrs)
+    assert answers[:50].all() == bool(fired[3][0]) and answers[:50].all() == answers[:50].any()
+    assert not answers[50:].any()  # between mappings: never
+
+
+def test_mapping_credit_follows_mappings_by_start() -> None:
+    credit = MappingCredit()
+    one = np.array([[10 * P, 20 * P]], np.uint64)
+    assert not credit.fire(one, np.array([0.4])).any()  # 0.5 + 0.4
+    grown = np.array([[0, 5 * P], [10 * P, 30 * P]], np.uint64)  # a new one before; grown
+    assert credit.fire(grown, np.array([0.0, 0.2])).tolist() == [False, True]  # 0.9 + 0.2
+    # unsampled mappings keep their credit; a new start is a new mapping
+    assert credit.fire(grown, np.array([0.9, 0.9]), np.array([False, True])).tolist() == [
+        False,
+        True,
+    ]
+    moved = np.array([[P, 5 * P]], np.uint64)
+    assert not credit.fire(moved, np.array([0.4])).any()  # starts again at 0.5
 
 
 # --- paddr --------------------------------------------------------------------------

@@ -8,14 +8,20 @@ checked word by word, against the real pagemap and kpageflags of a child.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ops_helpers import ChildProcess, assert_gone, registry_with  # tests/ops_helpers.py
 
 from damond.monitor import ops
@@ -452,3 +458,180 @@ def test_page_idle_reasons_when_files_do_not_open(
     registry = stand_in_bitmap(path, str(kpageflags))
     assert registry.why_unavailable("page_idle") == reason.format(p=path, k=kpageflags)
     assert "paddr" not in registry.available_operations()
+
+
+# --- the C sample path against the Python reference ------------------------------------------
+
+C_PATH = pi.NATIVE_PATH
+needs_c = pytest.mark.skipif(
+    C_PATH is None, reason=f"damond's C module is not built here: {pi.NATIVE_PROBLEM}"
+)
+PM_SWAPPED = 1 << 62
+NPFN = 4 * pi.FOLIO_BLOCK
+NVPN = 256
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> dict[str, Any]:
+    """kpageflags with folios of every order (and stray tails), a pagemap with present,
+    absent and swapped pages and hidden PFNs, files that end early, sampled addresses,
+    gaps, a bitmap. The bulk comes from a drawn seed, the structure from hypothesis."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32)))
+
+    def kpageflags() -> np.ndarray:
+        kinds = np.array([0, LRU, LRU, pi.KPF_NOPAGE], dtype=np.uint64)
+        flags = kinds[rng.integers(0, len(kinds), NPFN)]
+        for order in draw(st.lists(st.integers(1, pi.FOLIO_BLOCK.bit_length() - 1), max_size=6)):
+            head = int(rng.integers(0, NPFN >> order)) << order
+            flags[head] |= u64(HEAD | LRU)
+            flags[head + 1 : head + (1 << order)] = u64(TAIL | LRU)
+        stray = rng.integers(0, NPFN, draw(st.integers(0, 8)))
+        flags[stray] = u64(TAIL | LRU)  # tails whose folio is changing under the read
+        return flags[: draw(st.integers(NPFN // 2, NPFN))]
+
+    pagemap = rng.integers(1, NPFN + 64, NVPN, dtype=np.uint64)
+    start = int(rng.integers(0, NVPN))  # a stretch mapped in order, as a huge page is
+    pagemap[start:] = (int(rng.integers(1, NPFN)) + np.arange(NVPN - start)).astype(np.uint64)
+    pagemap |= u64(pi.PM_PRESENT)
+    pagemap[rng.random(NVPN) < draw(st.sampled_from([0.0, 0.3]))] = 0
+    pagemap[rng.random(NVPN) < draw(st.sampled_from([0.0, 0.1]))] = u64(PM_SWAPPED | 5)
+    if draw(st.booleans()):
+        pagemap[rng.integers(0, NVPN)] = u64(pi.PM_PRESENT)  # PFN 0: no CAP_SYS_ADMIN
+    physical = draw(st.booleans())
+
+    def addrs() -> np.ndarray:
+        n = draw(st.integers(0, 80))
+        pages = rng.integers(0, (NPFN + 64) if physical else NVPN + 32, n, dtype=np.uint64)
+        found = pages * u64(PAGE) + rng.integers(0, PAGE, n, dtype=np.uint64)
+        if draw(st.booleans()):
+            found.sort()
+        return found
+
+    bitmap = rng.integers(0, 2**64, draw(st.integers(0, NPFN // 64 + 2)), dtype=np.uint64)
+    return {
+        "kpageflags": [kpageflags(), kpageflags()],  # folios change between the samples
+        "pagemap": pagemap[: draw(st.integers(0, NVPN))],
+        "physical": physical,
+        "addrs": [addrs(), addrs()],
+        "gaps": [draw(st.integers(0, 20)) for _ in range(4)],
+        "bitmap": bitmap,
+    }
+
+
+def run_path(path: pi.SamplePath, world: dict[str, Any], tmp: Path) -> list[Any]:
+    """Two samples on one tail cache: heads, answers, what reached the bitmap, the cache."""
+    tmp.mkdir()
+    kpageflags = entries_file(tmp, world["kpageflags"][0], "kpageflags")
+    pagemap = entries_file(tmp, world["pagemap"], "pagemap")
+    bitmap = entries_file(tmp, world["bitmap"], "bitmap")
+    pagemap_gap, kpageflags_gap, write_gap, read_gap = world["gaps"]
+    tails: dict[int, int] = {}
+    seen: list[Any] = []
+    try:
+        for addrs, flags in zip(world["addrs"], world["kpageflags"], strict=True):
+            os.ftruncate(kpageflags, 0)
+            os.pwrite(kpageflags, flags.tobytes(), 0)
+            heads = np.zeros(len(addrs), dtype=np.uint64)
+            read = path.prepare(
+                addrs,
+                heads,
+                -1 if world["physical"] else pagemap,
+                kpageflags,
+                bitmap,
+                tails,
+                pagemap_gap,
+                kpageflags_gap,
+                write_gap,
+            )
+            written = (tmp / "bitmap").read_bytes()
+            accessed = np.ones(len(addrs), dtype=bool)
+            path.check(heads, accessed, bitmap, read_gap)
+            seen.append((read, heads.tolist(), written, accessed.tolist(), dict(tails)))
+    finally:
+        for fd in (kpageflags, pagemap, bitmap):
+            os.close(fd)
+    return seen
+
+
+@needs_c
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(world=worlds())
+def test_the_c_path_does_what_the_python_path_does(world: dict[str, Any]) -> None:
+    """Same heads, same return, the same bytes in the bitmap, the same answers, the same
+    learned tails: on synthetic files, where every case (THP tails, pages off the LRU,
+    absent and swapped pages, files ending early, hidden PFNs) can be made."""
+    with tempfile.TemporaryDirectory() as tmp:
+        python = run_path(pi.PYTHON_PATH, world, Path(tmp) / "python")
+        c = run_path(C_PATH, world, Path(tmp) / "c")  # type: ignore[arg-type]
+    assert c == python
+
+
+@needs_c
+def test_the_c_path_notices_a_new_folio_right_after_a_known_span(tmp_path: Path) -> None:
+    """The case random worlds rarely make: a tail learned at 639 of the THP at 512, then
+    that THP freed and a 64-page folio at 640, sampled at 650 (its head is 640, not 512)."""
+    before = synthetic_kpageflags()
+    after = before.copy()
+    after[513:1024] = LRU
+    after[640] |= HEAD
+    after[641:704] |= TAIL
+    world = {
+        "kpageflags": [before, after],
+        "pagemap": arr(639 | pi.PM_PRESENT, 650 | pi.PM_PRESENT),
+        "physical": False,
+        "addrs": [arr(0), arr(PAGE)],
+        "gaps": [0, 0, 0, 0],
+        "bitmap": np.zeros(32, dtype=np.uint64),
+    }
+    python = run_path(pi.PYTHON_PATH, world, tmp_path / "python")
+    assert [heads for _, heads, *_ in python] == [[512], [640]]
+    assert run_path(C_PATH, world, tmp_path / "c") == python  # type: ignore[arg-type]
+
+
+@needs_c
+def test_the_c_path_raises_what_the_kernel_said(tmp_path: Path) -> None:
+    assert C_PATH is not None
+    heads = np.zeros(1, dtype=np.uint64)
+    with pytest.raises(OSError) as raised:
+        C_PATH.prepare(arr(PAGE), heads, 987654, 987654, 987654, {}, 0, 0, 0)
+    assert raised.value.errno == errno.EBADF
+    with pytest.raises(ValueError, match="equal multiples of 8"):
+        C_PATH.prepare(arr(PAGE, PAGE), heads, -1, 0, 0, {}, 0, 0, 0)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_each_path_serves_the_access_check(native: bool, child: Child, bitmap: Path) -> None:
+    if native and C_PATH is None:
+        pytest.skip(f"damond's C module is not built here: {pi.NATIVE_PROBLEM}")
+    resident = child.resident(40)
+    pfns = pfns_of(child.proc.pid, resident)
+    access = pi.PageIdleAccess(bitmap=str(bitmap), native=native)
+    try:
+        assert access.path.name == ("c" if native else "python")
+        access.prepare(child.target, resident)
+        assert bitmap_bits(bitmap, pfns).all()
+        clear_bits(bitmap, pfns[::4])
+        assert access.check(child.target, resident).tolist() == [True, False, False, False] * 10
+    finally:
+        access.close()
+
+
+def test_without_the_c_module_the_python_path_runs_and_says_so() -> None:
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "sys.modules['damond.monitor.ops._page_idle'] = None  # as if never built\n"
+        "from damond.monitor.ops import page_idle as pi\n"
+        "print(pi.sample_path(None).name)\n"
+        "print(pi.sample_path(None).name)\n"
+        "try:\n"
+        "    pi.sample_path(True)\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:2] == ["python", "python"]
+    assert "refused: page_idle: the C module is not built" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "sampling in Python instead" in warnings[0], done.stderr

@@ -11,14 +11,26 @@ import asyncio
 import functools
 import json
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import MEMBER, NOBODY, ROOT, Damond, call, rawbus_as, start_damond, stop_process
+from conftest import (
+    MEMBER,
+    NOBODY,
+    POLICY,
+    ROOT,
+    Damond,
+    call,
+    rawbus_as,
+    start_damond,
+    stop_process,
+)
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from damond.bus import INTERFACES
 from damond.tools.privatebus import PrivateBus
 
 K0 = f"{ROOT}/kdamonds/0"
@@ -41,9 +53,10 @@ async def served(policy_bus: PrivateBus, tmp_path: Any) -> AsyncIterator[Damond]
         await daemon.set(C0, "org.damond1.Targets", "nr", "u", 1)
         await daemon.set(T0, "org.damond1.Target", "pid", "i", target.pid)
         await daemon.set(C0, "org.damond1.Intervals", "aggr_us", "t", 20000)
+        await daemon.set(C0, "org.damond1.Schemes", "nr", "u", 1)  # stat: it tries every region
         snapshots = await daemon.signals(path=C0, member="Snapshot")
         await daemon.set(K0, "org.damond1.Kdamond", "state", "s", "on")
-        await snapshots.next(timeout=10)  # GetSnapshot has data from here on
+        await snapshots.next(timeout=10)  # GetSnapshot and GetTriedRegions have data from here on
         await snapshots.stop()
         yield daemon
     finally:
@@ -94,6 +107,10 @@ def managed(name: str) -> list[str]:
     return ["call", name, ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"]
 
 
+def tried(name: str) -> list[str]:
+    return ["call", name, f"{C0}/schemes/0", "org.damond1.Scheme", "GetTriedRegions"]
+
+
 def introspect(name: str) -> list[str]:
     return ["introspect", name, C0]
 
@@ -104,7 +121,7 @@ def machine_id(name: str) -> list[str]:
 
 WRITES = (set_, state_off)
 READS = (get, introspect, machine_id)
-ACCESS_PATTERNS = (snapshot, managed)
+ACCESS_PATTERNS = (snapshot, tried, managed)
 
 
 async def snapshots_received(user: list[str], d: Damond, snapshots: int = 10) -> int:
@@ -170,6 +187,7 @@ async def test_group_damond_reads_and_watches_on_its_own_name(served: Damond) ->
         assert out.returncode == 0, (ask.__name__, out.stderr)
     assert as_user(MEMBER, served, *get(READERS)).stdout.strip() == 's "on"'
     assert as_user(MEMBER, served, *snapshot(READERS)).stdout.startswith("ttua(uia(ttuu))")
+    assert as_user(MEMBER, served, *tried(READERS)).stdout.startswith("a(uttuu)")
     assert as_user(MEMBER, served, *get(PUBLIC)).returncode == 0  # everyone's name too
     for ask in WRITES:
         out = as_user(MEMBER, served, *ask(READERS))
@@ -198,6 +216,7 @@ async def test_reader_names_refuse_what_they_do_not_serve_even_to_root(served: D
         assert f"write through {CONTROL}" in text, text
     for path, iface, member in (
         (C0, "org.damond1.Context", "GetSnapshot"),
+        (f"{C0}/schemes/0", "org.damond1.Scheme", "GetTriedRegions"),
         (ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
     ):
         assert READERS in await refused(PUBLIC, path, iface, member)
@@ -249,6 +268,19 @@ async def test_only_root_sends_damonds_signals_and_clients_match_the_sender(
     assert by_sender[client.SNAPSHOT_RULE], "the client's rule missed damond's own snapshots"
     for sub in subscribers:
         sub.disconnect()
+
+
+def test_every_interface_of_damond_has_its_signals_denied_to_others() -> None:
+    """A forged signal of a damond interface is refused by the bus itself: every
+    interface the daemon serves, a new one included, has its deny line."""
+    default = ET.parse(POLICY).getroot().find("policy[@context='default']")
+    assert default is not None
+    denied_signals = {
+        rule.get("send_interface")
+        for rule in default.iter("deny")
+        if rule.get("send_type") == "signal"
+    }
+    assert set(INTERFACES.values()) <= denied_signals, set(INTERFACES.values()) - denied_signals
 
 
 def test_only_root_may_own_the_names(policy_bus: PrivateBus) -> None:

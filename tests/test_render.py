@@ -212,6 +212,19 @@ def test_render_header_and_summary() -> None:
     assert "30-32" in rows[1]  # the merged cold regions' ages
 
 
+def test_render_says_times_with_the_real_aggregation_interval() -> None:
+    """age × effective_aggr_us: a sampler slowed to 240 ms aggregations (asked 100) has
+    kept the cold buffer idle 7.2-7.7 s, not the 3.0-3.2 s the asked interval would say."""
+    lines = render(body(workload_regions()), MARKS, aggr_us=240_000, max_lines=9, width=120)
+    assert "a Snapshot every 240ms" in lines[0]
+    rows = [line for line in lines if re.match(r"\s+[0-9a-f]+-[0-9a-f]+\s", line)]
+    assert "held for" in next(line for line in lines if "range" in line)
+    assert "7.2s-7.7s" in rows[1] and rows[1].endswith("cold"), rows[1]
+    assert "960ms" in rows[0], rows[0]  # the hot rows' age 4
+    assert all(len(line) <= 120 for line in lines)
+    assert "held for" not in "\n".join(render(body(workload_regions()), MARKS))
+
+
 def test_render_marks_only_the_workload_target() -> None:
     lines = render(body(workload_regions(), pid=1), MARKS)
     assert not any("accessed regions" in line for line in lines)

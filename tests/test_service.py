@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -65,6 +66,26 @@ async def test_ready_after_the_name_is_owned_then_status(
         await sleeper.wait()
     daemon.process.send_signal(signal.SIGTERM)
     await notify.until(lambda m: "STOPPING=1" in m)
+
+
+async def test_status_says_when_sampling_falls_behind(
+    notified: tuple[Damond, NotifySocket],
+    workload: tuple[subprocess.Popen[bytes], dict[str, Any]],
+) -> None:
+    """A clear_refs sample of the workload costs over 10 % of a CPU at 5 ms: the ceiling
+    stretches aggregations beyond 120 ms, and STATUS= says how far."""
+    daemon, notify = notified
+    process, _ = workload
+    await notify.until(lambda m: "READY=1" in m)
+    await daemon.set(ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
+    await daemon.set(K0, "org.damond1.Contexts", "nr", "u", 1)
+    await daemon.set(C0, "org.damond1.Targets", "nr", "u", 1)
+    await daemon.set(f"{C0}/targets/0", "org.damond1.Target", "pid", "i", process.pid)
+    await daemon.set(K0, "org.damond1.Kdamond", "state", "s", "on")
+    _, behind = await notify.until(lambda m: "behind" in m, timeout=30)
+    assert "kdamonds/0 vaddr/clear_refs 1 target(s)" in behind, behind
+    assert "behind: a Snapshot every" in behind and "(aggr_us asks 100 ms)" in behind, behind
+    await daemon.set(K0, "org.damond1.Kdamond", "state", "s", "off")
 
 
 async def test_watchdog_pings_from_the_event_loop(

@@ -50,7 +50,7 @@ from dbus_fast.constants import ArgDirection, ErrorType, PropertyAccess
 from damond import busio, treecache, wire
 from damond.errors import Busy, DamondError, InvalidArgument, NoData, NotSupported
 from damond.fairqueue import FairQueue
-from damond.hierarchy import Context, Kdamonds, Node, Tree
+from damond.hierarchy import Context, Method, Node, Tree
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,26 @@ INTERFACES = {
     "target": "org.damond1.Target",
     "regions": "org.damond1.Regions",
     "region": "org.damond1.Region",
+    "schemes": "org.damond1.Schemes",
+    "scheme": "org.damond1.Scheme",
+    "access_pattern": "org.damond1.AccessPattern",
+    "quotas": "org.damond1.Quotas",
+    "watermarks": "org.damond1.Watermarks",
+    "filters": "org.damond1.Filters",
+    "filter": "org.damond1.Filter",
+    "scheme_stats": "org.damond1.SchemeStats",
 }
 GROUPS = {iface: group for group, iface in INTERFACES.items()}
-SIGNATURES = {"u32": "u", "i32": "i", "u64": "t", "str": "s", "strlist": "as"}
+SIGNATURES = {"u32": "u", "i32": "i", "u64": "t", "bool": "b", "str": "s", "strlist": "as"}
 SNAPSHOT_SIGNATURE = "ttua(uia(ttuu))"
+SNAPSHOT_ARGS = (
+    ("t", "seq"),
+    ("t", "timestamp_us"),
+    ("u", "max_nr_accesses"),
+    ("a(uia(ttuu))", "targets"),
+)
+TRIED_REGIONS_SIGNATURE = "a(uttuu)"
+EMITS_CHANGED = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 
 ERROR_NAMES: dict[type[DamondError], str] = {
     InvalidArgument: ERROR_PREFIX + "InvalidArgument",
@@ -110,6 +126,12 @@ DRAIN_POLL_S = 0.01
 
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
+UNANNOUNCED_REFRESH_S = 1.0
+"""A context's GetManagedObjects entry is marshalled again at most this often for
+its properties that change with each snapshot and are not announced (effective_*,
+EmitsChangedSignal=false): as fresh as the scheme stats, which are announced at
+most once a second; Get reads them current."""
+
 SNAPSHOTS_STUCK_S = 5.0
 """A Snapshots connection that has had MAX_QUEUED_MESSAGES waiting for the bus this
 long is replaced by a new one. dbus-daemon stops reading a connection once 127 MiB
@@ -125,7 +147,8 @@ class Access(enum.IntEnum):
     PUBLIC = 0
     """Introspect, Peer, Get, GetAll: everyone."""
     READ = 1
-    """And GetManagedObjects, GetSnapshot (access patterns): group damond."""
+    """And GetManagedObjects and the nodes' methods (GetSnapshot, GetTriedRegions: access
+    patterns): group damond."""
     CONTROL = 2
     """And Set: root."""
 
@@ -185,57 +208,51 @@ def _error_reply(e: DamondError) -> _Reply:
     return _Reply(ERROR_NAMES[type(e)], f"{object_path(e.where)}: {e.rule}")
 
 
-# --- methods of damond's own interfaces ------------------------------------------------------
+# --- methods of the tree's nodes ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Method:
-    """A method of an object of the tree: where it lives, who may call it, what it does."""
+class Returns:
+    """How one kind of method result (hierarchy.Method.returns) goes on the wire."""
 
-    interface: str
-    member: str
-    node_type: type[Node]
-    out_args: tuple[tuple[str, str], ...]
+    args: tuple[tuple[str, str], ...]
     """(signature, name) of each value of the reply (for introspection)."""
-    access: Access
-    answer: Callable[[BusAdapter, Message, Any], Answer]
-    in_signature: str = ""
+    marshal: Callable[[Any], bytes]
+    """The reply's body from the result: made once per result (BusAdapter.method_body)."""
+
+    @property
+    def signature(self) -> str:
+        return "".join(sig for sig, _ in self.args)
 
 
-SNAPSHOT_ARGS = (
-    ("t", "seq"),
-    ("t", "timestamp_us"),
-    ("u", "max_nr_accesses"),
-    ("a(uia(ttuu))", "targets"),
-)
-
-
-def _get_managed_objects(adapter: BusAdapter, msg: Message, node: Kdamonds) -> Answer:
-    return adapter.managed_objects_reply(msg)
-
-
-def _get_snapshot(adapter: BusAdapter, msg: Message, node: Context) -> Answer:
-    return wire.prepared_return(msg, SNAPSHOT_SIGNATURE, adapter.snapshot_body(node))
-
-
-METHODS = (
-    Method(
-        OBJECT_MANAGER,
-        "GetManagedObjects",
-        Kdamonds,
-        (("a{oa{sa{sv}}}", "objects"),),
-        Access.READ,
-        _get_managed_objects,
+RETURNS: dict[str, Returns] = {
+    "snapshot": Returns(SNAPSHOT_ARGS, wire.snapshot_body),
+    "tried_regions": Returns(
+        ((TRIED_REGIONS_SIGNATURE, "regions"),),
+        lambda regions: wire.marshal(TRIED_REGIONS_SIGNATURE, [[list(r) for r in regions]]),
     ),
-    Method(
-        INTERFACES["context"], "GetSnapshot", Context, SNAPSHOT_ARGS, Access.READ, _get_snapshot
-    ),
-)
-"""Every method of the tree's objects besides the standard interfaces' (Properties,
-Introspectable, Peer): a new one is a line here and its answer function."""
+}
+"""Each kind of result a node's method answers with: a new method is a line in its node's
+METHODS (hierarchy.py), and here when it answers with a new kind."""
+
+NODE_METHOD_ACCESS = Access.READ
+"""Who may call the nodes' methods: each answers with what monitored processes do
+(access patterns, address layouts), which is group damond's to read (and root's)."""
 
 SIGNALS = {INTERFACES["context"]: (("Snapshot", SNAPSHOT_ARGS),)}
 """Signals of damond's interfaces, for introspection."""
+
+
+def _node_method(node: Node | None, iface: str | None, member: str | None) -> Method | None:
+    """The node's method of that name, in that interface (any, when none is given)."""
+    if node is None:
+        return None
+    groups = [GROUPS.get(iface, "")] if iface is not None else list(node.METHODS)
+    for group in groups:
+        for method in node.METHODS.get(group, ()):
+            if method.name == member:
+                return method
+    return None
 
 
 @cache
@@ -261,13 +278,17 @@ def _build_interface(node_type: type[Node], group: str) -> intr.Interface:
             a.name,
             SIGNATURES[a.kind],
             PropertyAccess.READWRITE if a.writable else PropertyAccess.READ,
+            # measured anew each aggregation, not announced: clients read them
+            annotations=None if a.emits_changed else {EMITS_CHANGED: "false"},
         )
         for a in node_type.GROUPS[group]
     ]
     methods = [
-        intr.Method(m.member, out_args=[intr.Arg(s, ArgDirection.OUT, n) for s, n in m.out_args])
-        for m in METHODS
-        if m.interface == name and issubclass(node_type, m.node_type)
+        intr.Method(
+            m.name,
+            out_args=[intr.Arg(sig, ArgDirection.OUT, arg) for sig, arg in RETURNS[m.returns].args],
+        )
+        for m in node_type.METHODS.get(group, ())
     ]
     signals = [
         intr.Signal(member, [intr.Arg(s, None, n) for s, n in args])
@@ -427,8 +448,11 @@ class BusAdapter:
         self._machine_id = _machine_id()
         self._managed = treecache.ManagedObjects(tree, self._managed_entry)
         self._introspection = treecache.Introspection(self._introspect)
-        self._snapshots: dict[Context, tuple[Snapshot, bytes]] = {}
-        """The marshalled latest snapshot of each context (its signal and GetSnapshot)."""
+        self._bodies: dict[tuple[Node, str], tuple[Any, bytes]] = {}
+        """(node, kind of result) -> the latest result of the node's method of that kind,
+        and its marshalled body: a latest snapshot is marshalled once for its signal and
+        every GetSnapshot, tried regions once for every GetTriedRegions."""
+        self._unannounced_at: dict[Context, float] = {}
 
     def attach(self) -> None:
         self._lost = asyncio.get_running_loop().create_future()
@@ -470,15 +494,21 @@ class BusAdapter:
         node = self._node(path)
         if iface == PROPERTIES or (iface is None and member in ("Get", "Set", "GetAll")):
             return self._properties(name, msg, node)
-        for method in METHODS:
-            if (
-                method.member == member
-                and iface in (method.interface, None)
-                and msg.signature == method.in_signature
-                and isinstance(node, method.node_type)
-            ):
-                _require(name, method.access, path, f"{method.interface}.{member}")
-                return method.answer(self, msg, node)
+        no_args = msg.signature == ""
+        if (
+            member == "GetManagedObjects"
+            and iface in (OBJECT_MANAGER, None)
+            and no_args
+            and node is self.tree.root
+        ):
+            _require(name, Access.READ, path, f"{OBJECT_MANAGER}.{member}")
+            return self.managed_objects_reply(msg)
+        method = _node_method(node, iface, member) if no_args else None
+        if method is not None:
+            assert node is not None
+            _require(name, NODE_METHOD_ACCESS, path, f"{iface}.{member}" if iface else f"{member}")
+            returns = RETURNS[method.returns]
+            return wire.prepared_return(msg, returns.signature, self.method_body(node, method))
         if node is None:
             raise _Reply(ErrorType.UNKNOWN_OBJECT.value, f"no object at {path}")
         raise _Reply(
@@ -573,13 +603,18 @@ class BusAdapter:
         """GetManagedObjects: the tree marshalled once per change (treecache)."""
         return wire.prepared_return(msg, "a{oa{sa{sv}}}", await self._managed.body())
 
-    def snapshot_body(self, context: Context) -> bytes:
-        """The latest snapshot of context, marshalled (NoData before the first)."""
-        snapshot = context.get_snapshot()
-        kept = self._snapshots.get(context)
-        if kept is None or kept[0] is not snapshot:
-            kept = self._snapshots[context] = (snapshot, wire.snapshot_body(snapshot))
+    def method_body(self, node: Node, method: Method) -> bytes:
+        """The reply body of node's method, marshalled once per result (the method's
+        DamondError, e.g. NoData before the first snapshot, goes to the caller)."""
+        result = method.call(node)
+        kept = self._bodies.get((node, method.returns))
+        if kept is None or kept[0] is not result:
+            kept = self._kept(node, method.returns, result)
         return kept[1]
+
+    def _kept(self, node: Node, kind: str, result: Any) -> tuple[Any, bytes]:
+        kept = self._bodies[node, kind] = (result, RETURNS[kind].marshal(result))
+        return kept
 
     def _introspect(self, path: str) -> str:
         node = self._node(path)
@@ -630,8 +665,10 @@ class BusAdapter:
     def node_removed(self, node: Node) -> None:
         self._managed.changed(node)
         self._introspection.reshaped()
+        for kind in RETURNS:
+            self._bodies.pop((node, kind), None)
         if isinstance(node, Context):
-            self._snapshots.pop(node, None)
+            self._unannounced_at.pop(node, None)
         self._signal(
             ROOT_PATH,
             OBJECT_MANAGER,
@@ -653,10 +690,14 @@ class BusAdapter:
         )
 
     def snapshot(self, context: Context, snapshot: Snapshot) -> None:
+        now = time.monotonic()
+        if now - self._unannounced_at.get(context, -UNANNOUNCED_REFRESH_S) >= UNANNOUNCED_REFRESH_S:
+            # its unannounced properties (effective_*) come from the snapshots
+            self._unannounced_at[context] = now
+            self._managed.changed(context)
         face = self.faces.get(SNAPSHOTS)
         if face is None:
             return
-        now = time.monotonic()
         if busio.queued_messages(face.bus) >= MAX_QUEUED_MESSAGES:
             self.snapshots_dropped += 1
             if now - self._last_drop_log > 10:
@@ -671,17 +712,15 @@ class BusAdapter:
                 self._replacing = asyncio.ensure_future(self._replace(face))
             return
         self._stuck_since = None
-        body = self._snapshots[context] = (snapshot, wire.snapshot_body(snapshot))
         face.send(
             wire.prepared_signal(
                 object_path(context.path),
                 INTERFACES["context"],
                 "Snapshot",
                 SNAPSHOT_SIGNATURE,
-                body[1],
+                self._kept(context, "snapshot", snapshot)[1],
             )
         )
-
 
     async def _replace(self, stuck: Face) -> None:
         """Move the Snapshots name to a new connection (SNAPSHOTS_STUCK_S says why)."""

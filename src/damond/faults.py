@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fnmatch
 import logging
 import os
 import signal
@@ -33,6 +34,13 @@ address space); ERRNO a name such as EIO, ENOENT or EPERM."""
 STALL_FAULT_ENV = "DAMOND_FAULT_STALL_S"
 """N: SIGUSR1 blocks the event loop for N seconds (as a hung kernel read would),
 so a test can watch the watchdog pings stop."""
+
+SYSFS_FAULT_ENV = "DAMOND_FAULT_SYSFS"
+"""``FILE:VALUE:ERRNO[,…]``: the kernel backend's write of VALUE (``*``: any) to FILE
+(relative to the admin tree, fnmatch patterns such as ``kdamonds/*/state``) fails
+with ERRNO instead of reaching the kernel, as if the kernel had refused it; only
+what cannot be made to fail for real (the kernel refuses little of what damond's
+rules allow) is tested this way."""
 
 SPACE_OPS = ("initial_ranges", "update_ranges")
 ACCESS_OPS = ("prepare", "check")
@@ -104,6 +112,21 @@ def wrap_ops(
         else:
             wrapped_access = FaultyOps(wrapped_access, fault)
     return wrapped_space, wrapped_access
+
+
+def sysfs_write_fault(file: str, value: str) -> int | None:
+    """The errno SYSFS_FAULT_ENV makes this write fail with, or None (damon_sysfs.WriteFault)."""
+    for spec in os.environ.get(SYSFS_FAULT_ENV, "").split(","):
+        if not spec.strip():
+            continue
+        pattern, wanted, name = spec.strip().rsplit(":", 2)
+        code = getattr(errno, name, None)
+        if not isinstance(code, int):
+            raise ValueError(f"{SYSFS_FAULT_ENV}: unknown errno {name!r}")
+        if fnmatch.fnmatchcase(file, pattern) and wanted in ("*", value):
+            log.warning("fault injection: writing %r to %s fails with %s", value, file, name)
+            return code
+    return None
 
 
 def install_stall(loop: asyncio.AbstractEventLoop) -> None:

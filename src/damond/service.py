@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from damond.hierarchy import Context, Kdamond, Node, Tree
-from damond.monitor.ops import kernel_damon
+from damond.monitor.pacing import BEHIND_RATIO
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def stderr_is_journal() -> bool:
 def setup_logging(level: str) -> None:
     """Journal with structured fields under systemd; plain stderr lines otherwise.
 
-    Fields come from ``extra=``: KDAMOND, TARGET_PID, OPERATIONS, ACCESS_CHECK.
+    Fields come from ``extra=``: KDAMOND, TARGET_PID, BACKEND, OPERATIONS, ACCESS_CHECK.
     """
     handler: logging.Handler
     if _sd_journal is not None and stderr_is_journal():
@@ -97,12 +97,18 @@ class ServiceStatus:
     def __init__(self, tree: Tree) -> None:
         self.tree = tree
         self._regions: dict[str, int] = {}
+        self._aggr_us: dict[str, int] = {}
+        """By context: how long its latest aggregation really took."""
         self._last = 0.0
         self.text = ""
+        self.config_problem = ""
+        """Why the configuration file was refused when last applied, or ''."""
 
     def describe(self) -> str:
         text = self._describe_kdamonds()
-        if kernel_damon.running_kdamonds():
+        if self.config_problem:
+            text += f"; configuration refused: {self.config_problem}"
+        if self.tree.interference_warning():
             text += "; warning: the kernel's own DAMON is running (see the log)"
         return text
 
@@ -114,11 +120,14 @@ class ServiceStatus:
         for kdamond in running:
             config = kdamond.running_config
             assert config is not None
-            regions = self._regions.get(kdamond.child_path("contexts", 0))
+            context = kdamond.child_path("contexts", 0)
+            regions = self._regions.get(context)
+            # who samples: damond's access check, or the kernel's DAMON ("vaddr/kernel")
             parts.append(
-                f"{kdamond.path} {config.operations.name}/{config.access_check} "
+                f"{kdamond.path} {config.operations.name}/{config.access_check or config.backend} "
                 f"{len(config.targets)} target(s)"
                 + (f" {regions} regions" if regions is not None else "")
+                + _falling_behind(self._aggr_us.get(context, 0), config.attrs.aggr_us)
             )
         return f"{len(running)} kdamond(s) on: " + "; ".join(parts)
 
@@ -135,12 +144,25 @@ class ServiceStatus:
     def node_removed(self, node: Node) -> None:
         if isinstance(node, Context):
             self._regions.pop(node.path, None)
+            self._aggr_us.pop(node.path, None)
 
     def properties_changed(self, node: Node, group: str, changed: dict[str, Any]) -> None:
         if isinstance(node, Kdamond) and "state" in changed:
+            self._aggr_us.pop(node.child_path("contexts", 0), None)  # a new run's pace
             self.update()
 
     def snapshot(self, context: Context, snapshot: Snapshot) -> None:
         self._regions[context.path] = sum(len(t.starts) for t in snapshot.targets)
+        self._aggr_us[context.path] = snapshot.effective_aggr_us
         if time.monotonic() - self._last >= STATUS_MIN_PERIOD_S:
             self.update()
+
+
+def _falling_behind(effective_aggr_us: int, aggr_us: int) -> str:
+    """', behind: …' when aggregations take more than BEHIND_RATIO times aggr_us."""
+    if effective_aggr_us <= BEHIND_RATIO * aggr_us:
+        return ""
+    return (
+        f", behind: a Snapshot every {effective_aggr_us / 1000:g} ms "
+        f"(aggr_us asks {aggr_us / 1000:g} ms)"
+    )

@@ -1,47 +1,51 @@
 """Drive the GUEST kernel's own DAMON through its sysfs interface (Linux 6.12).
 
 Used inside the test guest only (tests/vm/scenarios.py, bench/guest.py), as
-the reference damond is compared with. It refuses to run anywhere else: the
-host's /sys/kernel/mm/damon belongs to the machine and must never be written.
+the reference damond is compared with, and as "another tool" that uses the
+admin tree (tests/vm/kernel_backend_checks.py). It refuses to run anywhere
+else: the host's /sys/kernel/mm/damon belongs to the machine and must never be
+written.
 
-The interface (Documentation/admin-guide/mm/damon/usage.rst of 6.12)::
+The context is written by damond's own sysfs driver
+(damond/monitor/ops/damon_sysfs.py, which names the files); what is added
+here is the reference's way of reading results, the way damo does: a
+``stat`` scheme (does nothing) whose access pattern matches every region, and
+``update_schemes_tried_regions`` written to ``state``::
 
-    /sys/kernel/mm/damon/admin/kdamonds/nr_kdamonds
-      0/state (on, off, commit, update_schemes_tried_regions, ...), pid
-      0/contexts/nr_contexts
-        0/operations (vaddr, fvaddr, paddr)
-        0/monitoring_attrs/intervals/{sample_us,aggr_us,update_us}
-        0/monitoring_attrs/nr_regions/{min,max}
-        0/targets/nr_targets, 0/targets/N/pid_target
-        0/targets/N/regions/nr_regions, .../regions/M/{start,end}
-        0/schemes/nr_schemes, 0/schemes/S/action
-        0/schemes/S/access_pattern/{sz,nr_accesses,age}/{min,max}
-        0/schemes/S/tried_regions/total_bytes, .../tried_regions/R/{start,end,nr_accesses,age}
+    kdamonds/0/contexts/0/schemes/nr_schemes, schemes/S/action
+    .../schemes/S/access_pattern/{sz,nr_accesses,age}/{min,max}
+    .../schemes/S/tried_regions/total_bytes, .../tried_regions/R/{start,end,nr_accesses,age}
 
-The kernel publishes monitoring results only through schemes and the
-damon_aggregated tracepoint; the test kernel has no tracefs (no DEBUG_FS or
-FTRACE), so results are read the way damo does: a ``stat`` scheme (does
-nothing) whose access pattern matches every region, and
-``update_schemes_tried_regions`` written to ``state``. That write blocks until
-the kdamond has applied the scheme once more (one aggregation, since the
-scheme's apply interval defaults to aggr_us), so the regions read afterwards
-are those of one aggregation, after merging, as the tracepoint would show.
-Their ``nr_accesses`` is the kernel's moving sum (``nr_accesses_bp / 10000``),
-which at an aggregation boundary equals that aggregation's count up to
-rounding.
+That write blocks until the kdamond has applied the scheme once more (one
+aggregation, since the scheme's apply interval defaults to aggr_us; the kernel
+checks in 100 ms steps), so the regions read afterwards are those of one
+aggregation, after merging, as the tracepoint would show. Their
+``nr_accesses`` is the kernel's moving sum (``nr_accesses_bp / 10000``), which
+at an aggregation boundary equals that aggregation's count up to rounding.
+damond's kernel backend reads the damon_aggregated tracepoint instead
+(docs/benchmarks.md compares the two).
+
+set_scheme() makes that scheme act instead (tests/vm/damos.py: DAMOS pageout
+next to damond's), and scheme_stats() reads its stats.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-ADMIN = "/sys/kernel/mm/damon/admin"
+from damond.monitor import ops
+from damond.monitor.config import Attrs, ContextConfig, TargetConfig
+from damond.monitor.ops.damon_sysfs import ADMIN, AdminFiles, KdamondDir, SysfsError
+
 ULONG_MAX = (1 << 64) - 1
 UINT_MAX = (1 << 32) - 1
+KAttrs = Attrs
+"""monitoring_attrs, with the kernel's (and damond's) defaults."""
 
 
 class KernelDamonError(RuntimeError):
@@ -53,6 +57,18 @@ def in_test_guest() -> bool:
     return os.environ.get("DAMOND_IN_VM") == "1" and platform.node() == "damond-vm"
 
 
+TRACEFS = "/sys/kernel/tracing"
+
+
+def mount_tracefs() -> None:
+    """Mount tracefs where systemd mounts it (the test guest's init does not): the kernel
+    backend reads kernel DAMON's results there. In the test guest only."""
+    if not in_test_guest():
+        raise KernelDamonError("kernel_damon: not in the damond test guest")
+    if not os.path.isdir(f"{TRACEFS}/instances"):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
+
+
 @dataclass(frozen=True)
 class KRegion:
     """One region as the kernel reported it."""
@@ -61,17 +77,6 @@ class KRegion:
     end: int
     nr_accesses: int
     age: int
-
-
-@dataclass(frozen=True)
-class KAttrs:
-    """monitoring_attrs, with the kernel's (and damond's) defaults."""
-
-    sample_us: int = 5000
-    aggr_us: int = 100_000
-    update_us: int = 60_000_000
-    min_nr_regions: int = 10
-    max_nr_regions: int = 1000
 
 
 class KernelDamon:
@@ -90,6 +95,8 @@ class KernelDamon:
         if not os.path.isdir(admin):
             raise KernelDamonError(f"kernel_damon: {admin} missing (no CONFIG_DAMON_SYSFS)")
         self.admin = admin
+        self.files = AdminFiles(admin)
+        self.dir = KdamondDir(self.files, 0)
         self.kdamond = f"{admin}/kdamonds/0"
         self.context = f"{self.kdamond}/contexts/0"
         self.scheme = f"{self.context}/schemes/0"
@@ -98,17 +105,13 @@ class KernelDamon:
 
     def write(self, path: str, value: object) -> None:
         """Write one sysfs file (path absolute or relative to the admin directory)."""
-        full = path if path.startswith("/") else f"{self.admin}/{path}"
         try:
-            with open(full, "w") as f:
-                f.write(f"{value}\n")
-        except OSError as e:
-            raise KernelDamonError(f"write {value!r} to {full}: {e.strerror}") from e
+            self.files.write(path.removeprefix(self.admin + "/"), value)
+        except SysfsError as e:
+            raise KernelDamonError(str(e)) from e
 
     def read(self, path: str) -> str:
-        full = path if path.startswith("/") else f"{self.admin}/{path}"
-        with open(full) as f:
-            return f.read().strip()
+        return self.files.read(path.removeprefix(self.admin + "/"))
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -117,40 +120,39 @@ class KernelDamon:
         operations: str,
         pids: Sequence[int] = (),
         regions: Sequence[Sequence[tuple[int, int]]] = (),
-        attrs: KAttrs | None = None,
+        attrs: Attrs | None = None,
     ) -> None:
         """One kdamond, one context: operations, attrs, targets, a match-all stat scheme.
 
         pids: one per target (vaddr, fvaddr); regions: per target, the initial
-        regions (fvaddr, paddr; optional for vaddr). paddr takes one target and
-        no pid.
+        regions (fvaddr, paddr; optional for vaddr; paddr without them covers
+        System RAM, as damond does). paddr takes one target and no pid.
         """
-        attrs = attrs or KAttrs()
+        table = ops.REGISTRY.operations(operations)
+        nr_targets = max(len(pids), len(regions), 0 if table.target_has_pid else 1)
+        config = ContextConfig(
+            table,
+            "",
+            attrs or Attrs(),
+            tuple(
+                TargetConfig(
+                    i,
+                    pids[i] if i < len(pids) else -1,
+                    tuple(regions[i]) if i < len(regions) else (),
+                )
+                for i in range(nr_targets)
+            ),
+        )
         self.off()
         self.write("kdamonds/nr_kdamonds", 1)
-        self.write(f"{self.kdamond}/contexts/nr_contexts", 1)
-        avail = self.read(f"{self.context}/avail_operations").split()
-        if operations not in avail:
-            raise KernelDamonError(f"operations {operations!r} not in {avail}")
-        self.write(f"{self.context}/operations", operations)
-        intervals = f"{self.context}/monitoring_attrs/intervals"
-        self.write(f"{intervals}/sample_us", attrs.sample_us)
-        self.write(f"{intervals}/aggr_us", attrs.aggr_us)
-        self.write(f"{intervals}/update_us", attrs.update_us)
-        nr_regions = f"{self.context}/monitoring_attrs/nr_regions"
-        self.write(f"{nr_regions}/min", attrs.min_nr_regions)
-        self.write(f"{nr_regions}/max", attrs.max_nr_regions)
-        nr_targets = max(len(pids), len(regions), 1 if operations == "paddr" else 0)
-        targets = f"{self.context}/targets"
-        self.write(f"{targets}/nr_targets", nr_targets)
-        for i in range(nr_targets):
-            if i < len(pids):
-                self.write(f"{targets}/{i}/pid_target", pids[i])
-            mine = list(regions[i]) if i < len(regions) else []
-            self.write(f"{targets}/{i}/regions/nr_regions", len(mine))
-            for j, (start, end) in enumerate(mine):
-                self.write(f"{targets}/{i}/regions/{j}/start", start)
-                self.write(f"{targets}/{i}/regions/{j}/end", end)
+        try:
+            self.dir.prepare()
+            avail = self.dir.avail_operations()
+            if operations not in avail:
+                raise KernelDamonError(f"operations {operations!r} not in {avail}")
+            self.dir.write(config)
+        except SysfsError as e:
+            raise KernelDamonError(str(e)) from e
         self.write(f"{self.context}/schemes/nr_schemes", 1)
         self.write(f"{self.scheme}/action", "stat")
         pattern = f"{self.scheme}/access_pattern"
@@ -164,7 +166,7 @@ class KernelDamon:
         return os.path.isdir(self.kdamond)
 
     def state(self) -> str:
-        return self.read(f"{self.kdamond}/state") if self.exists() else "off"
+        return "on" if self.exists() and self.dir.running() else "off"
 
     def on(self) -> None:
         self.write(f"{self.kdamond}/state", "on")
@@ -174,12 +176,12 @@ class KernelDamon:
 
     def off(self) -> None:
         """Turn kdamond 0 off if it exists and runs (idempotent)."""
-        if self.exists() and self.state() == "on":
-            self.write(f"{self.kdamond}/state", "off")
+        if self.exists():
+            self.dir.off()
 
     def pid(self) -> int:
         """The kdamond kernel thread's pid while on, -1 while off."""
-        return int(self.read(f"{self.kdamond}/pid"))
+        return self.dir.pid()
 
     def close(self) -> None:
         """Off, and no kdamond left."""
@@ -227,3 +229,28 @@ class KernelDamon:
     def total_bytes(self) -> int:
         """tried_regions/total_bytes as of the last update."""
         return int(self.read(f"{self.scheme}/tried_regions/total_bytes"))
+
+    # -- DAMOS -------------------------------------------------------------------------------
+
+    def set_scheme(
+        self,
+        action: str,
+        sz: tuple[int, int] = (0, ULONG_MAX),
+        nr_accesses: tuple[int, int] = (0, UINT_MAX),
+        age: tuple[int, int] = (0, UINT_MAX),
+    ) -> None:
+        """Make scheme 0 (setup()'s) do action to the regions of this access pattern
+        (nr_accesses in samples, age in aggregations, as damond's Scheme)."""
+        self.write(f"{self.scheme}/action", action)
+        pattern = f"{self.scheme}/access_pattern"
+        for name, (lo, hi) in (("sz", sz), ("nr_accesses", nr_accesses), ("age", age)):
+            self.write(f"{pattern}/{name}/min", lo)
+            self.write(f"{pattern}/{name}/max", hi)
+
+    def scheme_stats(self) -> dict[str, int]:
+        """Scheme 0's stats/ files, brought up to date (update_schemes_stats)."""
+        self.write(f"{self.kdamond}/state", "update_schemes_stats")
+        return {
+            name: int(self.read(f"{self.scheme}/stats/{name}"))
+            for name in ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
+        }

@@ -370,6 +370,51 @@ def check_registry() -> dict[str, Any]:
     }
 
 
+def both_paths(c: Child, target: TargetConfig, addrs: np.ndarray) -> dict[str, Any]:
+    """The Python and C sample paths on the same pages: each prepares (marking the same
+    pages), the child writes the first half, each checks; then a sample with no write."""
+    python = pi.PageIdleAccess(native=False)
+    native = pi.PageIdleAccess(native=True)
+    out: dict[str, Any] = {"sampled": len(addrs)}
+    try:
+        for name, between in (("touched", c.touch), ("quiet", lambda: None)):
+            python.prepare(target, addrs)
+            native.prepare(target, addrs)
+            heads = python.marked(target), native.marked(target)
+            between()
+            answers = python.check(target, addrs), native.check(target, addrs)
+            out[name] = {
+                "heads_differ": int(np.count_nonzero(heads[0] != heads[1])),
+                "untrackable": int(np.count_nonzero(heads[0] == np.uint64(pi.NO_HEAD))),
+                "answers_differ": int(np.count_nonzero(answers[0] != answers[1])),
+                "accessed": int(answers[0].sum()),
+            }
+    finally:
+        python.close()
+        native.close()
+    return out
+
+
+def check_paths() -> dict[str, Any]:
+    """(h) the C sample path against the Python one: 4 KiB pages, THP tails (mapped to
+    their heads), pages never present, addresses outside every mapping, and paddr."""
+    out: dict[str, Any] = {"c": pi.NATIVE_PATH is not None, "why_not_c": pi.NATIVE_PROBLEM}
+    for advice in ("nohuge", "huge"):
+        with child(advice) as c:
+            addrs, _ = written_and_untouched(c, seed=8)
+            tails = kpageflags_of(pfns_of(c.pid, addrs)) & np.uint64(pi.KPF_COMPOUND_TAIL)
+            out[advice] = both_paths(c, c.target, addrs)
+            out[advice]["sampled_tails"] = int(np.count_nonzero(tails))
+            pfns = pfns_of(c.pid, addrs)
+            physical = pfns * np.uint64(PAGE) + addrs % np.uint64(PAGE)
+            out[f"paddr_{advice}"] = both_paths(c, TargetConfig(0, -1), physical)
+    with child("nohuge", resident=False) as c:
+        never = sample((c.start, c.start + BUFFER), SAMPLES, seed=9)
+        outside = np.arange(SAMPLES, dtype=np.uint64) * np.uint64(PAGE)
+        out["not_present"] = both_paths(c, c.target, np.concatenate([never, outside]))
+    return out
+
+
 CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
     "vaddr": check_vaddr,
     "thp": check_thp,
@@ -378,6 +423,7 @@ CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
     "exit": check_exit,
     "registry": check_registry,
     "shared": check_shared,
+    "paths": check_paths,
 }
 
 

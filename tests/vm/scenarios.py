@@ -92,6 +92,9 @@ the kdamond has stalled (its stacks are in the daemon's log after the phase)."""
 WORKLOAD_PAUSE_MS = 5.0
 """The workload's pause between passes: it leaves the one vCPU to the monitor part of
 the time, and still writes each hot page every few milliseconds."""
+USER_BACKEND_ONLY = ("--kernel-damon-admin", "off")
+"""The scenarios compare damond's own engine with the kernel's DAMON, which they drive
+themselves (kernel_damon.py): the daemon must leave the kernel's admin tree alone."""
 DAEMON_START_TIMEOUT = 120.0
 """Guest Python imports numpy, dbus-fast and damond over 9p under TCG: seconds."""
 
@@ -449,14 +452,14 @@ class Daemon:
     """Its threads' states when it did not stop on SIGTERM (see threads_report)."""
 
     @classmethod
-    async def start(cls, workdir: Path) -> Daemon:
+    async def start(cls, workdir: Path, args: Sequence[str] = USER_BACKEND_ONLY) -> Daemon:
         from damond.tools import client
         from damond.tools.privatebus import spawn_daemon, start_private_bus, wait_for_name
 
         bus = start_private_bus()
         log_path = workdir / "damond.log"
         # faulthandler: a SIGABRT (sent when it does not stop) dumps every thread's stack
-        process = spawn_daemon(bus.address, log_path, env={"PYTHONFAULTHANDLER": "1"})
+        process = spawn_daemon(bus.address, log_path, *args, env={"PYTHONFAULTHANDLER": "1"})
         conn = await client.connect(bus.address)
         daemon = cls(bus, process, conn, log_path)
         try:
@@ -593,10 +596,12 @@ def threads_report(pid: int) -> list[dict[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(workdir: Path, record: dict[str, Any]) -> AsyncIterator[Daemon]:
+async def running_daemon(
+    workdir: Path, record: dict[str, Any], args: Sequence[str] = USER_BACKEND_ONLY
+) -> AsyncIterator[Daemon]:
     """damond for one phase; its exit code, log tail and any traceback land in record."""
     t0 = time.monotonic()
-    daemon = await Daemon.start(workdir)
+    daemon = await Daemon.start(workdir, args)
     record["daemon_start_seconds"] = round(time.monotonic() - t0, 2)
     try:
         yield daemon
@@ -619,8 +624,13 @@ async def configure(
 ) -> None:
     """kdamond 0, context 0, one target (a pid, or regions), attrs; not yet on (dbus-fast).
 
-    attrs: Intervals (sample_us, aggr_us, update_us) and NrRegions (min, max) to set.
+    attrs: Intervals (sample_us, aggr_us, update_us), NrRegions (min, max) and
+    cpu_limit_pct to set. cpu_limit_pct is 0 unless given: damond is compared
+    with the kernel's DAMON, which has no CPU ceiling (and itself uses more
+    than damond's default 10 % of the guest's emulated vCPU).
     """
+    from damond.tools.client import ATTRIBUTE_HOMES
+
     await d.set(ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
     await d.set(K0, "org.damond1.Contexts", "nr", "u", 1)
     await d.set(C0, "org.damond1.Context", "operations", "s", operations)
@@ -634,9 +644,9 @@ async def configure(
         for i, (start, end) in enumerate(regions):
             await d.set(f"{T0}/regions/{i}", "org.damond1.Region", "start", "t", start)
             await d.set(f"{T0}/regions/{i}", "org.damond1.Region", "end", "t", end)
-    for name, value in (attrs or {}).items():
-        iface = "org.damond1.NrRegions" if name in ("min", "max") else "org.damond1.Intervals"
-        await d.set(C0, iface, name, "t", value)
+    for name, value in {"cpu_limit_pct": 0, **(attrs or {})}.items():
+        iface, signature = ATTRIBUTE_HOMES.get(name, ("org.damond1.Intervals", "t"))
+        await d.set(C0, iface, name, signature, value)
 
 
 async def state(d: Daemon, value: str) -> int:
@@ -1300,16 +1310,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         damond_intervals=run.intervals or "defaults",
         guest=guest_facts(),
     )
+    execute(run, SCENARIOS[args.scenario](run))
+    return 0
+
+
+def execute(run: Run, scenario: Coroutine[Any, Any, None]) -> None:
+    """Run a scenario into run.result: its exception as ``error``, its ``seconds``."""
     run.save()
     t0 = time.monotonic()
     try:
-        asyncio.run(SCENARIOS[args.scenario](run))
+        asyncio.run(scenario)
     except Exception:
         run.result["error"] = traceback.format_exc()
         print(run.result["error"], flush=True)
     run.result["seconds"] = round(time.monotonic() - t0, 2)
     run.save()
-    return 0
 
 
 if __name__ == "__main__":

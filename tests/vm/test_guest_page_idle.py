@@ -109,3 +109,24 @@ def test_shared_pages_answer_for_every_process(guest: Guest, tmp_path: Path) -> 
     report, result = run_check(guest, "shared", tmp_path)
     assert_halves(report["touched"], "written by another process after prepare", result)
     assert_quiet(report["quiet"], "no write at all", result)
+
+
+def test_c_and_python_sample_paths_agree(guest: Guest, tmp_path: Path) -> None:
+    """(h) the same guest pages through both sample paths: the same heads marked and the
+    same answers, for 4 KiB pages, THP tails, absent pages and paddr; and right answers."""
+    report, result = run_check(guest, "paths", tmp_path)
+    context = f"{report}\n{result.describe()}"
+    assert report["c"], f"the C module is not built: {report['why_not_c']}\n{context}"
+    assert report["huge"]["sampled_tails"] >= 0.9 * 800, f"few sampled pages were tails\n{context}"
+    for case in ("nohuge", "huge", "paddr_nohuge", "paddr_huge", "not_present"):
+        for sample in ("touched", "quiet"):
+            found = report[case][sample]
+            assert found["heads_differ"] == 0, f"{case} {sample}: heads differ\n{context}"
+            assert found["answers_differ"] == 0, f"{case} {sample}: answers differ\n{context}"
+    for case in ("nohuge", "huge", "paddr_nohuge", "paddr_huge"):
+        touched = report[case]["touched"]["accessed"]
+        assert SHARE * 400 <= touched <= (2 - SHARE) * 400, f"{case}: {touched}\n{context}"
+        assert report[case]["quiet"]["accessed"] <= (1 - SHARE) * 800, f"{case}\n{context}"
+    absent = report["not_present"]
+    assert absent["touched"]["untrackable"] == absent["sampled"], context
+    assert absent["touched"]["accessed"] == 0, context

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from damond.monitor.config import PAGE_SIZE, Attrs, ContextConfig, TargetConfig
-from damond.monitor.ops.base import AccessCheck, AddressSpace, TargetGone
+from damond.monitor.ops.base import AccessCheck, Actions, AddressSpace, TargetGone
+from damond.monitor.ops.meminfo import free_mem_rate
 from damond.monitor.regions import Regions, evenly_split, set_regions
+from damond.monitor.schemes import Schemes
 from damond.monitor.snapshot import Snapshot, TargetSnapshot
 
 _log = logging.getLogger(__name__)
@@ -47,10 +49,16 @@ class Engine:
         access: AccessCheck,
         rng: np.random.Generator | None = None,
         clock: Callable[[], int] = realtime_us,
+        actions: Actions | None = None,
+        metric: Callable[[], int] = free_mem_rate,
+        now_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
+        """actions: what the schemes' actions do (the ops'; only stat schemes without);
+        metric: the watermarks' free memory rate; now_ns: the quotas' clock."""
         self._config = config.validate()
         self._space = space
         self._access = access
+        self._schemes = Schemes(config.schemes, actions, metric, now_ns)
         self._rng = rng if rng is not None else np.random.default_rng()
         self._clock = clock
         self._targets: list[_Target] = []
@@ -107,6 +115,7 @@ class Engine:
         self._seq = 0
         self._last_nr_regions = 0
         self._sz_limit = self._region_sz_limit()
+        self._schemes.start(attrs)
         self._started = True
 
     def commit(self, config: ContextConfig) -> None:
@@ -120,6 +129,20 @@ class Engine:
             return
         with self._pending_lock:
             self._pending = config
+
+    def activation_wait_us(self) -> int:
+        """kdamond_wait_activation: how long to pause before sampling again, 0 to sample
+        now. Not 0 only while the watermarks have every scheme off; a commit waiting for
+        an aggregation boundary is applied then (the kernel's kdamond_call in that loop),
+        or a paused kdamond could never be given the watermarks that wake it."""
+        wait = self._schemes.wait_us()
+        if wait:
+            with self._pending_lock:
+                pending, self._pending = self._pending, None
+            if pending is not None:
+                self._apply_commit(pending)
+                wait = self._schemes.wait_us()
+        return wait
 
     def close(self) -> None:
         """Release the ops' files: the access check's and the space's."""
@@ -161,6 +184,10 @@ class Engine:
         snapshot = None
         if self._passed_samples >= self._next_aggregation:
             snapshot = self._aggregate()
+        elif self._schemes.due(self._passed_samples):  # an apply interval inside an aggregation
+            self._schemes.apply(
+                self._targets, self._passed_samples, self._aggr_samples, self._config.attrs
+            )
         if self._passed_samples >= self._next_update:
             self._next_update += self._config.attrs.samples_per_update
             self._update()
@@ -169,19 +196,30 @@ class Engine:
     # -- aggregation --------------------------------------------------------------------------
 
     def _aggregate(self) -> Snapshot:
-        """kdamond_fn's aggregation: merge, publish, commit, reset, split."""
+        """kdamond_fn's aggregation: merge, publish, commit, apply schemes, reset, split.
+
+        The snapshot shows the regions as merged, before the schemes acted on
+        them (an action resets a region's age), and the schemes' results of
+        this aggregation.
+        """
         max_nr_accesses = max(
             (int(t.regions.nr_accesses.max()) for t in self._targets if len(t.regions)),
             default=0,
         )
         self._merge_regions(max_nr_accesses // 10)
-        snapshot = self._snapshot()
-        self._aggr_samples = 0
+        regions, ended = self._target_snapshots(), self._clock()
+        samples, self._aggr_samples = self._aggr_samples, 0
         # kdamond_call (where the kernel applies a commit) runs before the reset.
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is not None:
             self._apply_commit(pending)
+        attrs = self._config.attrs
+        if self._schemes.due(self._passed_samples):
+            self._schemes.apply(
+                self._targets, self._passed_samples, attrs.samples_per_aggregation, attrs
+            )
+        snapshot = self._snapshot(ended, samples, regions)
         self._next_aggregation = self._passed_samples + self._config.attrs.samples_per_aggregation
         for t in self._targets:
             t.regions.reset_aggregated()
@@ -212,23 +250,29 @@ class Engine:
             t.regions.split(nr_subs, self._rng)
         self._last_nr_regions = nr_regions
 
-    def _snapshot(self) -> Snapshot:
+    def _target_snapshots(self) -> tuple[TargetSnapshot, ...]:
+        return tuple(
+            TargetSnapshot(
+                index=t.config.index,
+                pid=t.config.pid,
+                starts=t.regions.starts.copy(),
+                ends=t.regions.ends.copy(),
+                nr_accesses=t.regions.nr_accesses.copy(),
+                ages=t.regions.age.copy(),
+            )
+            for t in self._targets
+        )
+
+    def _snapshot(
+        self, ended_us: int, samples: int, targets: tuple[TargetSnapshot, ...]
+    ) -> Snapshot:
         self._seq += 1
         return Snapshot(
             seq=self._seq,
-            timestamp_us=self._clock(),
-            max_nr_accesses=self._aggr_samples,
-            targets=tuple(
-                TargetSnapshot(
-                    index=t.config.index,
-                    pid=t.config.pid,
-                    starts=t.regions.starts.copy(),
-                    ends=t.regions.ends.copy(),
-                    nr_accesses=t.regions.nr_accesses.copy(),
-                    ages=t.regions.age.copy(),
-                )
-                for t in self._targets
-            ),
+            timestamp_us=ended_us,
+            max_nr_accesses=samples,
+            targets=targets,
+            schemes=self._schemes.results(),
         )
 
     # -- update and commit --------------------------------------------------------------------
@@ -280,6 +324,7 @@ class Engine:
             targets.append(cur)
         self._targets = targets
         self._config = new
+        self._schemes.commit(new.schemes, self._passed_samples, old.attrs, new.attrs)
 
         oa, na = old.attrs, new.attrs
         if (oa.sample_us, oa.aggr_us) != (na.sample_us, na.aggr_us):

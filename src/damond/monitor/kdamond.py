@@ -7,25 +7,32 @@ deadlines that it sleeps for itself (a futex wait: precise to a few tens of
 I/O (pagemap, smaps, clear_refs) blocks, so none of it runs on the event
 loop; the loop only hears of each aggregation's Snapshot, so it stays free
 to answer D-Bus whatever the sampling rate. When one sample takes longer
-than sample_us, sampling simply runs slower (aggregation is counted in
-samples) and the snapshot timestamps show it.
+than sample_us, or would use more CPU than cpu_limit_pct allows, sampling
+runs slower (aggregation is counted in samples, monitor/pacing.py): each
+Snapshot carries the intervals it really had, and the log says when they
+fall more than 20 % behind the asked ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from damond.monitor import ops
-from damond.monitor.config import ConfigError, ContextConfig
+from damond.monitor.config import ContextConfig
 from damond.monitor.engine import Engine
-from damond.monitor.ops import AccessCheck, AddressSpace, TargetGone
+from damond.monitor.ops import AccessCheck, AddressSpace
 from damond.monitor.ops.process import ProcessTable, TargetProcess
+from damond.monitor.pacing import Effective, Pacer
+from damond.monitor.pins import pin_targets
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -39,37 +46,6 @@ MAX_UNPUBLISHED = 8
 
 OpsWrapper = Callable[[str, AddressSpace, AccessCheck], tuple[AddressSpace, AccessCheck]]
 """(kdamond name, space, access check) -> the ops the engine uses instead (fault injection)."""
-
-
-def pin_targets(config: ContextConfig, pinned: set[int]) -> dict[int, TargetProcess]:
-    """Pin the pid of each target not in pinned, now, as the kernel does at `on`/`commit`.
-
-    The process that holds the number at acceptance is the one monitored,
-    whenever the engine first looks at it: a pid that dies and is reused
-    before the next aggregation is not adopted. ConfigError (naming the
-    target) when one is not a monitorable process; then nothing stays pinned.
-    """
-    pins: dict[int, TargetProcess] = {}
-    if not config.operations.target_has_pid:
-        return pins
-    try:
-        for target in config.targets:
-            if target.pid in pinned or target.pid in pins:
-                continue
-            where = f"targets/{target.index}"
-            try:
-                proc = TargetProcess(target.pid)
-            except (TargetGone, OSError):
-                raise ConfigError(where, f"pid {target.pid} is not a live process") from None
-            pins[target.pid] = proc
-            problem = proc.problem()
-            if problem:
-                raise ConfigError(where, problem)
-    except ConfigError:
-        for proc in pins.values():
-            proc.close()
-        raise
-    return pins
 
 
 class KdamondTask:
@@ -106,6 +82,11 @@ class KdamondTask:
         """Pins of commits the worker has not taken yet (oldest first)."""
         self._worker_done = False
         self._stopping = threading.Event()
+        self._gate = threading.Lock()
+        """Held until stopping: the worker sleeps by acquiring it with a timeout, one C
+        call (Event.wait is a dozen lines of Python, each sample, right after a sleep)."""
+        self._gate.acquire()
+        self._halt_lock = threading.Lock()
         self._unpublished: collections.deque[Snapshot] = collections.deque(maxlen=MAX_UNPUBLISHED)
         self._publish_lock = threading.Lock()
         self._publish_scheduled = False
@@ -114,8 +95,20 @@ class KdamondTask:
 
     def stop(self) -> None:
         """End the loop; the worker finishes its current sample and closes the engine."""
-        self._stopping.set()
+        self._halt()
         self._task.cancel()
+
+    @property
+    def pid(self) -> int:
+        """Who samples: the daemon itself (its worker thread)."""
+        return os.getpid()
+
+    def _halt(self) -> None:
+        """Stopping, from any thread: the worker's current sleep ends at once."""
+        with self._halt_lock:
+            if not self._stopping.is_set():
+                self._stopping.set()
+                self._gate.release()
 
     def commit(self, config: ContextConfig) -> None:
         """Hand a new config to the engine, which applies it at the next aggregation.
@@ -159,7 +152,7 @@ class KdamondTask:
             log.error("kdamond %s failed: %s", self.name, e, extra={"KDAMOND": self.name})
             reason = f"monitoring failed: {e}"
         finally:
-            self._stopping.set()
+            self._halt()
             self._worker.shutdown(wait=False)
         self._on_stop(reason)
 
@@ -193,31 +186,78 @@ class KdamondTask:
         return config
 
     def _sample_loop(self, engine: Engine, handed: ContextConfig, processes: ProcessTable) -> str:
-        """prepare, sleep sample_us, check: as kdamond_fn.
+        """prepare, sleep, check: as kdamond_fn.
 
-        The sleep is always the whole interval, never shortened by the time
-        the sample itself took: a page must have sample_us to be accessed
-        before it is checked, or a slow sample (a large process, a slow
-        machine) would see almost nothing. So a slow sample makes sampling
-        slower, not blinder; the snapshot timestamps show it. The worker
-        sleeps (a futex wait, precise to tens of µs), not the event loop.
+        The sleep is sample_us, never shortened by the time the sample itself
+        took: a page must have sample_us to be accessed before it is checked,
+        or a slow sample (a large process, a slow machine) would see almost
+        nothing. It is lengthened where the sample's CPU cost would exceed
+        cpu_limit_pct (the Pacer). So a slow sample makes sampling slower,
+        not blinder; each Snapshot says how slow. The worker sleeps (a futex
+        wait, precise to tens of µs), not the event loop.
         """
+        pacer = Pacer()
+        pacer.start()
         engine.prepare()
+        pacer.sampled()
         while not engine.done:
             if self._config is not handed:
                 handed = self._take_config(processes)
                 engine.commit(handed)
-            if self._stopping.wait(engine.config.attrs.sample_us / 1e6):
-                return "stopped"
+            pause = engine.activation_wait_us()
+            if pause:  # the watermarks have every scheme off: no sampling, as the kernel
+                paused = time.monotonic_ns()
+                if self._gate.acquire(timeout=min(pause / 1e6, threading.TIMEOUT_MAX)):
+                    self._gate.release()
+                    return "stopped"
+                pacer.paused(time.monotonic_ns() - paused)
+                engine.prepare()  # what was marked before the pause is stale
+                continue
             applied = engine.config
+            if self._gate.acquire(timeout=pacer.sleep_s(applied.attrs)):
+                self._gate.release()
+                return "stopped"
             snapshot = engine.check()
             if snapshot is not None:
-                self._publish(snapshot)
+                self._aggregated(pacer, snapshot, applied)
                 if engine.config is not applied:  # a commit took effect
                     processes.retain(t.pid for t in engine.config.targets)
             if not engine.done:
                 engine.prepare()
+            pacer.sampled()
         return "every target has exited"
+
+    def _aggregated(self, pacer: Pacer, snapshot: Snapshot, config: ContextConfig) -> None:
+        """Stamp the snapshot with the intervals it really had, say so when they change
+        from keeping up to falling behind (or back), and publish it."""
+        was_behind = pacer.behind
+        found = pacer.aggregated(snapshot.max_nr_accesses, config.attrs)
+        if pacer.behind != was_behind:
+            self._say_pace(found, config, pacer.behind)
+        self._publish(
+            dataclasses.replace(
+                snapshot, effective_sample_us=found.sample_us, effective_aggr_us=found.aggr_us
+            )
+        )
+
+    def _say_pace(self, found: Effective, config: ContextConfig, behind: bool) -> None:
+        attrs = config.attrs
+        pace = (
+            f"a sample every {found.sample_us / 1000:.1f} ms (asked "
+            f"{attrs.sample_us / 1000:g} ms), an aggregation every {found.aggr_us / 1000:.0f} ms "
+            f"(asked {attrs.aggr_us / 1000:g} ms)"
+        )
+        extra = {"KDAMOND": self.name, "ACCESS_CHECK": config.access_check}
+        if not behind:
+            log.info("kdamond %s keeps up again: %s", self.name, pace, extra=extra)
+            return
+        why = f"a {config.access_check} sample costs {found.cpu_us_per_sample / 1000:.1f} ms of CPU"
+        if found.stretched:
+            why += (
+                f", and cpu_limit_pct {attrs.cpu_limit_pct} stretches the interval to keep "
+                "sampling under that share of one CPU"
+            )
+        log.warning("kdamond %s falls behind: %s: %s", self.name, pace, why, extra=extra)
 
     def _publish(self, snapshot: Snapshot) -> None:
         """From the worker: queue the snapshot for the event loop (bounded)."""
@@ -229,7 +269,7 @@ class KdamondTask:
         try:
             self._loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the event loop is closed: the daemon is exiting
-            self._stopping.set()
+            self._halt()
 
     def _deliver(self) -> None:
         """On the event loop: hand every queued snapshot on, oldest first."""
@@ -250,9 +290,9 @@ def _engine_for(
     registry: ops.Registry,
     wrap_ops: OpsWrapper | None,
 ) -> Engine:
-    """An engine whose space and access check pin the same target processes."""
+    """An engine whose space, access check and actions pin the same target processes."""
     space = config.operations.space(processes)
     access = registry.make_access(config.access_check, processes)
     if wrap_ops is not None:
         space, access = wrap_ops(name, space, access)
-    return Engine(config, space, access)
+    return Engine(config, space, access, actions=registry.make_actions(processes))

@@ -40,6 +40,9 @@ class Regions:
     age: np.ndarray
     sampling_addrs: np.ndarray | None = field(default=None)
     """One page address per region, from the last pick_sampling_addrs()."""
+    _pages: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    """(starts, ends, pages per region as floats) of the last pick: kept while the
+    region arrays are the same objects (merge, split and set_regions replace them)."""
 
     @classmethod
     def build(
@@ -103,17 +106,29 @@ class Regions:
     # -- sampling -----------------------------------------------------------------------------
 
     def pick_sampling_addrs(self, rng: np.random.Generator) -> np.ndarray:
-        """A random page of each region (the kernel's damon_rand(start, end), page aligned)."""
-        npages = (self.ends - self.starts) >> _PAGE_SHIFT
-        page = (rng.random(len(npages)) * npages).astype(_U64)
-        # rng.random() < 1, but the float product can round up for enormous regions.
-        np.minimum(page, npages - _U64(1), out=page)
-        self.sampling_addrs = self.starts + (page << _PAGE_SHIFT)
+        """A random page of each region (the kernel's damon_rand(start, end), page aligned).
+
+        Five numpy calls a sample, on arrays it keeps: this runs every sample_us,
+        and right after a sleep each call costs a few hundred µs under emulation
+        (bench/guest.py). Page counts are exact as floats below 2^53 pages.
+        """
+        cached = self._pages
+        if cached is None or cached[0] is not self.starts or cached[1] is not self.ends:
+            pages = ((self.ends - self.starts) >> _PAGE_SHIFT).astype(np.float64)
+            # rng.random() < 1, but the float product can round up to the page count
+            # itself for enormous regions: one ulp less keeps it inside
+            np.nextafter(pages, 0, out=pages)
+            cached = self._pages = (self.starts, self.ends, pages)
+        page = rng.random(len(cached[2]))
+        np.multiply(page, cached[2], out=page)
+        offsets = page.astype(_U64)
+        np.left_shift(offsets, _PAGE_SHIFT, out=offsets)
+        self.sampling_addrs = np.add(self.starts, offsets, out=offsets)
         return self.sampling_addrs
 
     def add_accesses(self, accessed: np.ndarray) -> None:
         """nr_accesses += 1 where the sampled page was accessed."""
-        self.nr_accesses += accessed.astype(_U32, copy=False)
+        np.add(self.nr_accesses, accessed, out=self.nr_accesses, casting="unsafe")
 
     # -- aggregation --------------------------------------------------------------------------
 

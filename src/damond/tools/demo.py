@@ -13,23 +13,24 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from dbus_fast import DBusError, Message, MessageType
+from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 
-from damond.tools import client
+from damond.tools import client, live
 from damond.tools.client import BUS_NAME, ROOT, get_property
+from damond.tools.live import Feed
 from damond.tools.privatebus import die_with_parent, start_private_bus, wait_for_name
-from damond.tools.render import Marks, Style, coverage, format_size, parse, render
+from damond.tools.render import COLUMNS, Marks, coverage, format_size, parse
 
 KDAMOND = f"{ROOT}/kdamonds/0"
 CONTEXT = f"{KDAMOND}/contexts/0"
@@ -44,18 +45,25 @@ HOT_MIB, COLD_MIB = 8, 56
 NAME_TIMEOUT_S = 10.0
 WORKLOAD_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
-PRINT_PERIOD_S = 1.0
-"""Without a tty, a compact block is printed this often."""
-QUIET_WARNING_S = 3.0
+FIRST_SNAPSHOT_TIMEOUT_S = 30.0
+EFFECTIVE = ("effective_sample_us", "effective_aggr_us")
+PACE_REFRESH_S = 2.0
+"""effective_aggr_us is read again this often (it is not announced: it changes with every
+aggregation)."""
 
 GRANULARITY = {
-    "clear_refs": (
-        "per mapping: each sample clears the referenced bits and reads smaps, so a "
-        "region's sampled page counts as accessed with its mapping's Referenced fraction "
-        "(hot and cold parts of one mapping look alike)"
+    "mapping": (
+        "per mapping: each sample clears the referenced bits and reads smaps; a mapping "
+        "whose share f of pages was referenced counts as accessed, all its sampled pages "
+        "at once, in a share f of the samples (hot and cold parts of one mapping look alike)"
     ),
-    "page_idle": "per page: each sampled page's own idle bit says whether it was accessed",
+    "page-writes": (
+        "writes per page (each sampled page's soft-dirty bit), reads per mapping (smaps' "
+        "Referenced, less the written pages)"
+    ),
+    "page": "per page: each sampled page's own idle bit says whether it was accessed",
 }
+"""What the access check's answers stand for, by the context's access_granularity."""
 
 
 class DemoError(Exception):
@@ -255,110 +263,73 @@ async def describe_access_check(bus: MessageBus) -> str:
     asked = await get_property(bus, CONTEXT, "org.damond1.Context", "access_check")
     avail = await get_property(bus, CONTEXT, "org.damond1.Context", "avail_access_checks")
     check = str(await get_property(bus, CONTEXT, "org.damond1.Context", "effective_access_check"))
+    granularity = await get_property(bus, CONTEXT, "org.damond1.Context", "access_granularity")
     shown = check if check == asked else f"{asked} -> {check}"
     print(f"access_check {shown} (available: {', '.join(avail) or 'none'})")
-    print(f"  {GRANULARITY.get(check, 'granularity unknown to this demo')}")
+    print(f"  granularity {granularity}: {GRANULARITY.get(granularity, 'unknown to this demo')}")
     return check
 
 
-class Feed:
-    """The latest Snapshot body of kdamond 0's context, and when it arrived."""
-
-    def __init__(self) -> None:
-        self.latest: list[Any] | None = None
-        self.arrived = asyncio.Event()
-
-    def handle(self, msg: Message) -> None:
-        if (
-            msg.message_type is MessageType.SIGNAL
-            and msg.member == "Snapshot"
-            and msg.path == CONTEXT
-            and msg.interface == "org.damond1.Context"
-        ):
-            self.latest = list(msg.body)
-            self.arrived.set()
-
-    async def subscribe(self, bus: MessageBus) -> None:
-        await client.add_match(bus, f"{client.SNAPSHOT_RULE},path='{CONTEXT}'")
-        bus.add_message_handler(self.handle)
-
-
-@dataclass
-class Screen:
-    """Draws pictures: redrawn in place on a tty, compact blocks every second otherwise."""
-
-    tty: bool
-    title: str
-
-    def draw(self, lines: list[str]) -> None:
-        if self.tty:
-            body = "".join(f"{line}\x1b[K\n" for line in [self.title, *lines])
-            sys.stdout.write("\x1b[H" + body + "\x1b[J")
-        else:
-            sys.stdout.write("\n".join(["", self.title, *lines]) + "\n")
-        sys.stdout.flush()
-
-    def picture(self, body: list[Any], marks: Marks, check: str) -> list[str]:
-        size = shutil.get_terminal_size((100, 40))
-        if self.tty:
-            return render(
-                body,
-                marks,
-                access_check=check,
-                max_lines=size.lines - 2,
-                width=size.columns,
-                style=Style(color=True, ascii_only=not _utf8()),
-            )
-        return render(
-            body,
-            marks,
-            access_check=check,
-            max_lines=16,
-            width=100,
-            style=Style(ascii_only=not _utf8()),
-        )
+async def describe_pace(bus: MessageBus, feed: Feed) -> int:
+    """After the first Snapshot: the intervals asked and those sampling really has (with the
+    CPU ceiling that may stretch them); returns effective_aggr_us."""
+    try:
+        await asyncio.wait_for(feed.arrived.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
+    except TimeoutError:
+        raise DemoError(f"no Snapshot within {FIRST_SNAPSHOT_TIMEOUT_S:g} s") from None
+    asked = [
+        await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
+        for n in ("sample_us", "aggr_us")
+    ]
+    real = [await get_property(bus, CONTEXT, "org.damond1.Context", n) for n in EFFECTIVE]
+    limit = await get_property(bus, CONTEXT, "org.damond1.Context", "cpu_limit_pct")
+    print(
+        f"sampling every {real[0] / 1000:.1f} ms (asked {asked[0] / 1000:g} ms), "
+        f"a Snapshot every {real[1] / 1000:.0f} ms (asked {asked[1] / 1000:g} ms); "
+        + (f"cpu_limit_pct {limit} % of one CPU" if limit else "no CPU ceiling")
+    )
+    if real[1] > 1.2 * asked[1]:
+        print("  sampling is slower than asked: the times below use the real interval")
+    return int(real[1])
 
 
-def _utf8() -> bool:
-    return (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
+async def follow_pace(bus: MessageBus, pace: dict[str, int]) -> None:
+    """Keep pace["aggr_us"] at the context's effective_aggr_us (read every few seconds)."""
+    while True:
+        await asyncio.sleep(PACE_REFRESH_S)
+        with contextlib.suppress(DBusError):
+            pace["aggr_us"] = await get_property(bus, CONTEXT, "org.damond1.Context", EFFECTIVE[1])
 
 
 async def watch(
+    bus: MessageBus,
     feed: Feed,
     marks: Marks,
     check: str,
     seconds: float | None,
     children: dict[str, asyncio.subprocess.Process],
+    aggr_us: int,
 ) -> None:
-    """Draw snapshots until the time is up; a child that exits ends the demo."""
-    loop = asyncio.get_running_loop()
-    begin = loop.time()
-    end = begin + seconds if seconds is not None else None
-    until = f"for {seconds:g} s" if seconds is not None else "until Ctrl-C"
-    screen = Screen(sys.stdout.isatty(), "")
-    if screen.tty:
-        sys.stdout.write("\x1b[2J")
-    next_print = begin
-    last_seen = begin
-    while end is None or loop.time() < end:
+    """Draw snapshots until the time is up; a child that exits ends the demo. Ages are
+    shown as durations with the aggregation interval sampling really has."""
+
+    def children_live() -> None:
         for name, process in children.items():
             if process.returncode is not None:
                 raise DemoError(f"the {name} exited with status {process.returncode}")
-        timeout = 0.5 if end is None else max(0.0, min(0.5, end - loop.time()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(feed.arrived.wait(), timeout)
-        now = loop.time()
-        screen.title = f"damond demo: t+{now - begin:.1f} s, running {until}"
-        if feed.arrived.is_set():
-            feed.arrived.clear()
-            last_seen = now
-        elif now - last_seen > QUIET_WARNING_S and now >= next_print:
-            print(f"no Snapshot for {now - last_seen:.0f} s", file=sys.stderr)
-            next_print = now + PRINT_PERIOD_S
-            continue
-        if feed.latest is not None and (screen.tty or now >= next_print):
-            screen.draw(screen.picture(feed.latest, marks, check))
-            next_print = now + PRINT_PERIOD_S
+
+    pace = {"aggr_us": aggr_us}
+    follower = asyncio.ensure_future(follow_pace(bus, pace))
+    try:
+        await live.watch(
+            feed,
+            "damond demo",
+            seconds,
+            lambda screen, body: screen.picture(body, marks, check, aggr_us=pace["aggr_us"]),
+            children_live,
+        )
+    finally:
+        follower.cancel()
 
 
 def verdict(body: list[Any] | None, marks: Marks) -> str:
@@ -414,7 +385,7 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
 
     marks, workload = await start_workload(stack)
     await configure(bus, choice, marks.pid)
-    feed = Feed()
+    feed = Feed(CONTEXT)
     await feed.subscribe(bus)
 
     async def state_off() -> None:
@@ -426,14 +397,11 @@ async def demo(stack: AsyncExitStack, seconds: float | None) -> None:
     kpid = await get_property(bus, KDAMOND, "org.damond1.Kdamond", "pid")
     print(f"kdamond 0: state on (pid {kpid})")
     check = await describe_access_check(bus)
-    intervals = [
-        await get_property(bus, CONTEXT, "org.damond1.Intervals", n)
-        for n in ("sample_us", "aggr_us")
-    ]
-    print(f"sampling every {intervals[0] / 1000:g} ms, a Snapshot every {intervals[1] / 1000:g} ms")
+    aggr_us = await describe_pace(bus, feed)
+    print(textwrap.fill(COLUMNS, 100))
 
     try:
-        await watch(feed, marks, check, seconds, {"workload": workload})
+        await watch(bus, feed, marks, check, seconds, {"workload": workload}, aggr_us)
     finally:
         print(verdict(feed.latest, marks))
 

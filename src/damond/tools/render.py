@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from damond.monitor.ops.common import Range
 
@@ -36,8 +36,31 @@ CYAN = "\x1b[36m"
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
+COLUMNS = (
+    "columns: range = the region's addresses (rows of alike neighbours are merged); "
+    "size; access frequency = nr_accesses / max_nr_accesses as a bar; nr = nr_accesses of "
+    "max_nr_accesses samples (a range when merged); age = aggregations the frequency has "
+    "stayed about the same; rgns = regions merged into the row; last = what the range is "
+    "(the demo's hot/cold buffer, or the mapping it lies in)"
+)
+"""What the picture's columns mean, said once above it."""
+
 MINOR_SHARE = 0.01
 """A buffer covering less of a region than this (besides the largest) is not named."""
+
+
+class Labels(Protocol):
+    """What names the regions of one process: the demo's buffers, or its mappings."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def summaries(self) -> Sequence[tuple[str, Range]]:
+        """Named ranges worth a coverage line of their own above the rows."""
+        ...
+
+    def label(self, start: int, end: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,10 @@ class Marks:
             hot=(int(data["hot"][0]), int(data["hot"][1])),
             cold=(int(data["cold"][0]), int(data["cold"][1])),
         )
+
+    @property
+    def summaries(self) -> Sequence[tuple[str, Range]]:
+        return (("hot", self.hot), ("cold", self.cold))
 
     def label(self, start: int, end: int) -> str:
         """The buffers a region lies over, the largest share first ('cold+hot'), or ''.
@@ -226,6 +253,24 @@ def format_size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_duration(seconds: float) -> str:
+    """A short duration: '350ms', '2.4s', '3.0min', '1.5h'."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def steady_for(age_min: int, age_max: int, aggr_us: int) -> str:
+    """How long a row's access frequency has held: its ages times the real aggregation
+    interval (effective_aggr_us), not the asked one, which a slowed sampler exceeds."""
+    low, high = (format_duration(a * aggr_us / 1e6) for a in (age_min, age_max))
+    return low if low == high else f"{low}-{high}"
+
+
 def format_time(timestamp_us: int) -> str:
     """Local wall-clock time of a snapshot, to the millisecond."""
     return datetime.fromtimestamp(timestamp_us / 1e6).strftime("%H:%M:%S.%f")[:-3]
@@ -270,7 +315,7 @@ def bar(fraction: float, width: int, style: Style) -> str:
 
 
 def merge_rows(
-    regions: Sequence[Region], marks: Marks | None, max_nr: int, levels: int
+    regions: Sequence[Region], marks: Labels | None, max_nr: int, levels: int
 ) -> list[Row]:
     """Rows of touching regions with the same label and rounded frequency."""
     rows: list[Row] = []
@@ -300,7 +345,9 @@ def squeeze(rows: Sequence[Row], limit: int) -> list[Row]:
     return squeezed
 
 
-def compress(regions: Sequence[Region], marks: Marks | None, max_nr: int, budget: int) -> list[Row]:
+def compress(
+    regions: Sequence[Region], marks: Labels | None, max_nr: int, budget: int
+) -> list[Row]:
     """At most ``budget`` rows: those over the workload's buffers first, then the rest.
 
     Tries exact, then coarser frequency rounding; if even zero/non-zero rounding
@@ -320,7 +367,9 @@ def compress(regions: Sequence[Region], marks: Marks | None, max_nr: int, budget
     return marked + squeeze(other, budget - len(marked))
 
 
-def _row_line(row: Row, max_nr: int, addr_width: int, bar_width: int, style: Style) -> str:
+def _row_line(
+    row: Row, max_nr: int, addr_width: int, bar_width: int, style: Style, aggr_us: int = 0
+) -> str:
     fraction = row.mean_nr / max_nr if max_nr else 0.0
     span = f"{row.start:x}-{row.end:x}".rjust(addr_width)
     if row.nr_min == row.nr_max:
@@ -331,9 +380,10 @@ def _row_line(row: Row, max_nr: int, addr_width: int, bar_width: int, style: Sty
     count = f"x{row.count}" if row.count > 1 else ""
     label_color = {"hot": RED, "cold": BLUE}.get(row.label, YELLOW)
     label = style.paint(row.label, BOLD, label_color) if row.label else ""
+    steady = f"{steady_for(row.age_min, row.age_max, aggr_us):>13}  " if aggr_us else ""
     return (
         f"  {span}  {format_size(row.size):>10}  {bar(fraction, bar_width, style)} "
-        f"{nr:>9}  {age:>7}  {count:>5}  {label}"
+        f"{nr:>9}  {age:>7}  {steady}{count:>5}  {label}"
     ).rstrip()
 
 
@@ -365,14 +415,23 @@ def clip(line: str, width: int) -> str:
 
 def render(
     body: Sequence[Any],
-    marks: Marks | None = None,
+    marks: Labels | None = None,
     *,
     access_check: str = "",
+    aggr_us: int = 0,
     max_lines: int = 40,
     width: int = 100,
     style: Style | None = None,
+    labels: Mapping[int, Labels] | None = None,
 ) -> list[str]:
-    """The lines picturing one snapshot: at most ``max_lines``, each at most ``width``."""
+    """The lines picturing one snapshot: at most ``max_lines``, each at most ``width``.
+
+    Rows are named by ``marks`` for the target of its pid, or by ``labels`` by pid.
+
+    aggr_us, when known, is the aggregation interval the snapshots really have
+    (the context's effective_aggr_us): the header says it, and each row says
+    for how long its frequency has held (age × aggr_us).
+    """
     style = style or Style()
     snap = parse(body)
     max_nr = snap.max_nr_accesses
@@ -382,19 +441,30 @@ def render(
     )
     if access_check:
         header += f"  access check {access_check}"
+    if aggr_us:
+        header += f"  a Snapshot every {format_duration(aggr_us / 1e6)}"
     lines = [style.paint(header, BOLD)]
     if not snap.targets:
         return [clip(line, width) for line in lines + ["  (no targets)"]]
     addr_width = max(
         (len(f"{s:x}-{e:x}") for t in snap.targets for s, e, _n, _a in t.regions), default=0
     )
-    bar_width = max(8, min(30, width - addr_width - 54))
+    bar_width = max(8, min(30, width - addr_width - 54 - (15 if aggr_us else 0)))
+    steady = f"{'held for':>13}  " if aggr_us else ""
     column_head = (
         f"  {'range':<{addr_width}}  {'size':>10}  {'access frequency':<{bar_width}} "
-        f"{'nr':>9}  {'age':>7}  {'rgns':>5}"
+        f"{'nr':>9}  {'age':>7}  {steady}{'rgns':>5}"
     )
     # Per target: its title, the column head, and the hot/cold summaries if marked.
-    fixed = 1 + sum(4 if marks and t.pid == marks.pid else 2 for t in snap.targets)
+
+    def labels_of(pid: int) -> Labels | None:
+        if marks is not None and pid == marks.pid:
+            return marks
+        return labels.get(pid) if labels else None
+
+    fixed = 1 + sum(
+        2 + len(found.summaries) if (found := labels_of(t.pid)) else 2 for t in snap.targets
+    )
     row_budget = max(1, (max_lines - fixed) // len(snap.targets))
     for target in snap.targets:
         total = sum(e - s for s, e, _n, _a in target.regions)
@@ -402,9 +472,9 @@ def render(
             f"target {target.index}  pid {target.pid}  {len(target.regions)} regions  "
             f"{format_size(total)} monitored"
         )
-        mine = marks if marks and target.pid == marks.pid else None
+        mine = labels_of(target.pid)
         if mine:
-            for name, rng in (("hot", mine.hot), ("cold", mine.cold)):
+            for name, rng in mine.summaries:
                 cov = coverage(target.regions, rng, max_nr)
                 lines.append(_summary_line(name, rng, cov, style))
         lines.append(style.paint(column_head, DIM))
@@ -412,5 +482,5 @@ def render(
             lines.append("  (no regions)")
             continue
         rows = compress(target.regions, mine, max_nr, row_budget)
-        lines.extend(_row_line(r, max_nr, addr_width, bar_width, style) for r in rows)
+        lines.extend(_row_line(r, max_nr, addr_width, bar_width, style, aggr_us) for r in rows)
     return [clip(line, width) for line in lines]

@@ -4,6 +4,9 @@
 buffers, touches every page of both once (so they are resident), prints one
 JSON line ``{"pid": …, "hot": [start, end], "cold": [start, end]}`` and then
 writes one byte per page of the hot buffer on every pass until SIGTERM/SIGINT.
+With ``--cold-file PATH`` the cold buffer is that file instead (written with
+``--cold-mib`` of data, mapped read-only and read once: clean page cache, which
+MADV_PAGEOUT can drop without swap).
 
 The two buffers are separate mappings (VMAs), kept apart by a PROT_NONE guard
 page so the kernel cannot merge them: the clear_refs access check only sees
@@ -132,16 +135,35 @@ class _Stop:
         self.requested = True
 
 
-def run(hot_mib: float, cold_mib: float, pause_s: float) -> None:
+def map_file(path: str, length: int) -> np.ndarray:
+    """``length`` bytes of data written to path, mapped read-only and read once."""
+    length = -(-length // PAGE) * PAGE
+    with open(path, "wb") as f:
+        chunk = bytes(range(256)) * (MIB // 256)
+        for _ in range(length // MIB):
+            f.write(chunk)
+        f.write(chunk[: length % MIB])
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), length, mmap.MAP_SHARED, mmap.PROT_READ)
+    array = np.frombuffer(mapped, dtype=np.uint8)
+    int(array[::PAGE].sum())  # read every page: resident, clean
+    return array
+
+
+def run(hot_mib: float, cold_mib: float, pause_s: float, cold_file: str | None = None) -> None:
     """Allocate, announce the buffers on stdout, then keep the hot part hot."""
     stop = _Stop()
     buffers = allocate(int(hot_mib * MIB), int(cold_mib * MIB))
     touch(buffers.hot, 1)
-    touch(buffers.cold, 1)
+    cold = buffers.cold
+    if cold_file is None:
+        touch(cold, 1)
+    else:
+        cold = map_file(cold_file, int(cold_mib * MIB))
     info = {
         "pid": os.getpid(),
         "hot": list(Buffers.address(buffers.hot)),
-        "cold": list(Buffers.address(buffers.cold)),
+        "cold": list(Buffers.address(cold)),
     }
     sys.stdout.write(json.dumps(info) + "\n")
     sys.stdout.flush()
@@ -167,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="sleep between passes over the hot buffer (ms; 0: none)",
     )
+    parser.add_argument(
+        "--cold-file", help="make the cold buffer this file's data, mapped read-only (clean)"
+    )
     args = parser.parse_args(argv)
     try:
-        run(args.hot_mib, args.cold_mib, args.pause_ms / 1000)
+        run(args.hot_mib, args.cold_mib, args.pause_ms / 1000, args.cold_file)
     except (OSError, ValueError) as exc:
         print(f"workload: {exc}", file=sys.stderr)
         return 1

@@ -12,15 +12,21 @@ at run time) without disturbing anything: files are opened, never written.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 from collections.abc import Sequence
 
-from damond.monitor.ops import page_idle
+from damond.monitor.config import CORE_FILTER_TYPES, STAT
+from damond.monitor.ops import madvise, page_idle
 from damond.monitor.ops.base import (
     AccessCheck,
     AccessCheckOps,
+    ActionOps,
+    Actions,
     AddressSpace,
+    KernelRefused,
     Operations,
     TargetGone,
     Unsupported,
@@ -29,6 +35,7 @@ from damond.monitor.ops.clear_refs import ClearRefsAccess
 from damond.monitor.ops.paddr import PaddrSpace
 from damond.monitor.ops.page_idle import PageIdleAccess
 from damond.monitor.ops.process import ProcessTable
+from damond.monitor.ops.soft_dirty import PM_SOFT_DIRTY, SoftDirtyAccess
 from damond.monitor.ops.vaddr import FvaddrSpace, VaddrSpace
 
 __all__ = [
@@ -38,7 +45,10 @@ __all__ = [
     "REGISTRY",
     "AccessCheck",
     "AccessCheckOps",
+    "ActionOps",
+    "Actions",
     "AddressSpace",
+    "KernelRefused",
     "Operations",
     "ProcessTable",
     "Registry",
@@ -53,6 +63,7 @@ PAGE_IDLE_BITMAP = page_idle.BITMAP
 KPAGEFLAGS = page_idle.KPAGEFLAGS
 CLEAR_REFS = "/proc/self/clear_refs"
 SMAPS = "/proc/self/smaps"
+PAGEMAP = "/proc/self/pagemap"
 
 
 def _open_reason(path: str, flags: int) -> str:
@@ -94,10 +105,62 @@ def probe_clear_refs(clear_refs: str = CLEAR_REFS, smaps: str = SMAPS) -> str:
     return ""
 
 
+def probe_soft_dirty(pagemap: str = PAGEMAP) -> str:
+    """'' when the kernel tracks soft-dirty bits (and clear_refs and smaps work), else why not.
+
+    A page of a fresh mapping of our own, written once, must show pagemap bit 55:
+    the kernel marks new mappings soft-dirty where CONFIG_MEM_SOFT_DIRTY is set,
+    and the bit is always 0 where it is not. Nothing of anybody else changes
+    (the page is ours, and unmapped again), and nothing is cleared.
+    """
+    reason = probe_clear_refs()
+    if reason:
+        return "soft_dirty: " + reason.removeprefix("clear_refs: ")
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        page[0] = 1
+        cell = ctypes.c_char.from_buffer(page)
+        address = ctypes.addressof(cell)
+        del cell  # the mapping cannot close while ctypes holds a view of it
+        fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            entry = int.from_bytes(os.pread(fd, 8, address // mmap.PAGESIZE * 8), "little")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return f"soft_dirty: {pagemap}: {e.strerror}"
+    finally:
+        page.close()
+    if not entry & PM_SOFT_DIRTY:
+        return (
+            "soft_dirty: CONFIG_MEM_SOFT_DIRTY is not set: a freshly written page shows no "
+            f"soft-dirty bit in {pagemap}"
+        )
+    return ""
+
+
 PAGE_IDLE = AccessCheckOps("page_idle", "page", probe_page_idle, PageIdleAccess)
+SOFT_DIRTY = AccessCheckOps("soft_dirty", "page-writes", probe_soft_dirty, SoftDirtyAccess)
 CLEAR_REFS_CHECK = AccessCheckOps("clear_refs", "mapping", probe_clear_refs, ClearRefsAccess)
-ACCESS_CHECKS: tuple[AccessCheckOps, ...] = (PAGE_IDLE, CLEAR_REFS_CHECK)
-"""Every access check, the most precise first."""
+ACCESS_CHECKS: tuple[AccessCheckOps, ...] = (PAGE_IDLE, SOFT_DIRTY, CLEAR_REFS_CHECK)
+"""Every access check, the most precise first: page_idle sees reads and writes per page,
+soft_dirty writes per page (reads per mapping), clear_refs everything per mapping."""
+
+ACTIONS: tuple[ActionOps, ...] = (
+    ActionOps(STAT, None, lambda: ""),
+    *(
+        ActionOps(name, advice, madvise.probe_advice(advice, name))
+        for name, advice in (
+            ("willneed", madvise.MADV_WILLNEED),
+            ("cold", madvise.MADV_COLD),
+            ("pageout", madvise.MADV_PAGEOUT),
+            ("hugepage", madvise.MADV_COLLAPSE),
+        )
+    ),
+)
+"""The DAMOS actions of the user backend, as process_madvise(2) advice."""
+PROCESS_ACTIONS = tuple(a.name for a in ACTIONS)
+PROCESS_FILTERS = (*CORE_FILTER_TYPES, *madvise.PAGE_FILTERS)
 
 VADDR = Operations(
     "vaddr",
@@ -106,7 +169,9 @@ VADDR = Operations(
     max_targets=None,
     needs_regions=False,
     space=VaddrSpace,
-    access_checks=("page_idle", "clear_refs"),
+    access_checks=("page_idle", "soft_dirty", "clear_refs"),
+    actions=PROCESS_ACTIONS,
+    filter_types=PROCESS_FILTERS,
 )
 FVADDR = Operations(
     "fvaddr",
@@ -115,7 +180,9 @@ FVADDR = Operations(
     max_targets=None,
     needs_regions=True,
     space=FvaddrSpace,
-    access_checks=("page_idle", "clear_refs"),
+    access_checks=("page_idle", "soft_dirty", "clear_refs"),
+    actions=PROCESS_ACTIONS,
+    filter_types=PROCESS_FILTERS,
 )
 PADDR = Operations(
     "paddr",
@@ -136,10 +203,13 @@ class Registry:
         self,
         operations: Sequence[Operations] = OPERATIONS,
         access_checks: Sequence[AccessCheckOps] = ACCESS_CHECKS,
+        actions: Sequence[ActionOps] = ACTIONS,
     ) -> None:
         self._operations = {o.name: o for o in operations}
         self._checks = {c.name: c for c in access_checks}
+        self._actions = {a.name: a for a in actions}
         self._reasons: dict[str, str] | None = None
+        self._action_reasons: dict[str, str] | None = None
 
     # -- what exists ----------------------------------------------------------------------
 
@@ -175,6 +245,7 @@ class Registry:
     def reset(self) -> None:
         """Probe again at the next question (after the host changed under a test)."""
         self._reasons = None
+        self._action_reasons = None
 
     def available_access_checks(self) -> list[str]:
         return [name for name, reason in self._access_reasons().items() if not reason]
@@ -232,6 +303,38 @@ class Registry:
         if reason:
             raise Unsupported(reason)
         return check.make(processes, seed)
+
+    # -- DAMOS -----------------------------------------------------------------------------
+
+    def available_actions(self, operations: str) -> list[str]:
+        """The DAMOS actions a context of this operations set can do on this host."""
+        return [a for a in self._actions if not self.why_action_unavailable(a, operations)]
+
+    def why_action_unavailable(self, action: str, operations: str) -> str:
+        """Why a context of this operations set cannot do action here; '' when it can."""
+        if action in madvise.USER_SPACE_CANNOT:
+            return f"{action}: {madvise.USER_SPACE_CANNOT[action]}"
+        table = self.operations(operations)
+        if action not in table.actions or action not in self._actions:
+            return (
+                f"{action}: the user backend acts on processes (process_madvise(2)); on "
+                f"{operations} it can only count ({STAT})"
+            )
+        if self._action_reasons is None:
+            self._action_reasons = {name: a.probe() for name, a in self._actions.items()}
+        return self._action_reasons[action]
+
+    def why_filter_unavailable(self, filter_type: str, operations: str) -> str:
+        """Why a context of this operations set cannot honour a filter type; '' when it can."""
+        if filter_type in self.operations(operations).filter_types:
+            return ""
+        why = madvise.PAGE_FILTERS_CANNOT.get(filter_type, f"not for {operations} targets")
+        return f"{filter_type} filter: {why}"
+
+    def make_actions(self, processes: ProcessTable) -> Actions:
+        """The user backend's actions, pinning targets in the given table."""
+        advice = {a.name: a.advice for a in self._actions.values() if a.advice is not None}
+        return madvise.MadviseActions(advice, processes)
 
 
 REGISTRY = Registry()

@@ -2,7 +2,7 @@
 
 Like the kernel's struct damon_operations, the engine (monitor/engine.py) calls
 only two small interfaces, AddressSpace and AccessCheck; each operations set
-(vaddr, fvaddr, paddr) and each access check (page_idle, clear_refs) is
+(vaddr, fvaddr, paddr) and each access check (page_idle, soft_dirty, clear_refs) is
 described by one table, Operations or AccessCheckOps, which says everything
 the rest of damond may know of it. The tables are filled in ops/__init__.py.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from damond.monitor.config import TargetConfig
+from damond.monitor.config import CORE_FILTER_TYPES, STAT, FilterConfig, TargetConfig
 
 if TYPE_CHECKING:
     from damond.monitor.ops.process import ProcessTable
@@ -32,6 +32,14 @@ class TargetGone(Exception):
 
 class Unsupported(Exception):
     """This host's kernel cannot provide an operations set or access check."""
+
+
+class KernelRefused(Exception):
+    """The kernel refused a request damond's own rules allowed; ``errno`` is its answer."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class AddressSpace(Protocol):
@@ -99,6 +107,46 @@ class Operations:
     """The address space, pinning processes in the given table."""
     access_checks: tuple[str, ...]
     """The access checks that can serve it, the most precise first: what auto picks."""
+    actions: tuple[str, ...] = (STAT,)
+    """The DAMOS actions the user backend can do to its targets (where the host allows:
+    each action's ActionOps probe)."""
+    filter_types: tuple[str, ...] = CORE_FILTER_TYPES
+    """The DAMOS filter types it honours: the core's (per region) and its own (per page)."""
+
+
+class Actions(Protocol):
+    """What a DAMOS action does to a target's memory (the kernel's ops.apply_scheme)."""
+
+    def begin(self) -> None:
+        """A new application pass starts: what was read of the targets may have changed."""
+        ...
+
+    def apply(
+        self,
+        target: TargetConfig,
+        action: str,
+        start: int,
+        end: int,
+        filters: tuple[FilterConfig, ...],
+        default_reject: bool,
+    ) -> int:
+        """Do action to [start, end) of target, to the pages the (per page) filters let
+        through (the first filter that matches decides; default_reject for the others);
+        the bytes it was applied to. Failures count as 0 bytes and never raise."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ActionOps:
+    """One DAMOS action of the user backend: how to do it, and whether this host can."""
+
+    name: str
+    advice: int | None
+    """The process_madvise(2) advice; None for the action that does nothing (stat)."""
+    probe: Callable[[], str]
+    """'' when it works on this host (as this user), else why not. Never changes anything."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +155,8 @@ class AccessCheckOps:
 
     name: str
     granularity: str
-    """What one answer stands for ("page", or "mapping" where only per-mapping counts exist)."""
+    """What one answer stands for: "page" (reads and writes per page), "page-writes"
+    (writes per page, reads per mapping) or "mapping" (only per-mapping counts exist)."""
     probe: Callable[[], str]
     """'' when it works on this host (as this user), else why not. Never changes anything."""
     make: Callable[[ProcessTable, int | None], AccessCheck]

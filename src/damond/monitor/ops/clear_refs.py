@@ -3,12 +3,16 @@
 Writing "1" to /proc/PID/clear_refs clears the accessed bits of every page of
 the process; afterwards /proc/PID/smaps says, per mapping, how many kB were
 referenced again. That is all the kernel tells: which pages were touched is
-lost. So a sampled address counts as accessed with probability
-referenced / mapping size of its mapping - the expected answer of a page
-check at a random page of that mapping, honest about its granularity.
+lost, so the mapping is the unit of every answer. A mapping whose fraction f
+of pages was referenced counts as accessed, for all its sampled pages at once,
+in a share f of the samples (attribution.MappingCredit): no chance involved,
+so regions over one mapping agree, merge and age instead of splitting on
+noise. Two buffers that glibc placed side by side in one VMA are one mapping
+here: half written, both read as half accessed.
 
 Both files cost time proportional to the target's resident memory (the kernel
-walks every page table entry), not to the number of sampled addresses.
+walks every page table entry), not to the number of sampled addresses: the
+context's CPU ceiling (cpu_limit_pct) is what bounds it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 import numpy as np
 
 from damond.monitor.config import TargetConfig
+from damond.monitor.ops.attribution import MappingCredit
 from damond.monitor.ops.common import mapping_index, ranges_from_tokens
 from damond.monitor.ops.process import ProcessHolder, ProcessTable
 
@@ -51,13 +56,28 @@ def referenced_fraction(mappings: np.ndarray, referenced: np.ndarray) -> np.ndar
     return np.clip(referenced / np.maximum(sizes, 1.0), 0.0, 1.0)
 
 
-def sample_accessed(
-    mappings: np.ndarray, fraction: np.ndarray, addrs: np.ndarray, rng: np.random.Generator
+def mapping_answers(
+    mappings: np.ndarray, fired: np.ndarray, addrs: np.ndarray, rows: np.ndarray | None = None
 ) -> np.ndarray:
-    """Each address accessed with its mapping's fraction; outside every mapping, never."""
-    row = mapping_index(mappings, addrs)
-    chance = np.where(row >= 0, fraction[row] if len(fraction) else 0.0, 0.0)
-    return rng.random(len(row)) < chance
+    """Each address answers for its mapping (fired, per row); outside every mapping: never."""
+    row = mapping_index(mappings, addrs) if rows is None else rows
+    if not len(fired):
+        return np.zeros(len(row), dtype=bool)
+    return (row >= 0) & fired[np.maximum(row, 0)]
+
+
+class TargetCredits:
+    """A MappingCredit per target index, started afresh when the target's pid changes."""
+
+    def __init__(self) -> None:
+        self._credits: dict[int, tuple[int, MappingCredit]] = {}
+
+    def of(self, target: TargetConfig) -> MappingCredit:
+        pid, credit = self._credits.get(target.index, (target.pid, None))
+        if credit is None or pid != target.pid:
+            credit = MappingCredit()
+            self._credits[target.index] = (target.pid, credit)
+        return credit
 
 
 class ClearRefsAccess(ProcessHolder):
@@ -67,12 +87,14 @@ class ClearRefsAccess(ProcessHolder):
 
     def __init__(self, processes: ProcessTable | None = None, seed: int | None = None) -> None:
         super().__init__(processes)
-        self.rng = np.random.default_rng(seed)
+        self._credits = TargetCredits()
 
     def prepare(self, target: TargetConfig, addrs: np.ndarray) -> None:
         """Clear the accessed bits of all of the target's pages: once per target and sample."""
         self.processes.live(target.pid).write("clear_refs", CLEAR_ACCESSED)
 
     def check(self, target: TargetConfig, addrs: np.ndarray) -> np.ndarray:
+        """Every sampled page of a mapping answers as its mapping does this sample."""
         mappings, referenced = parse_smaps(self.processes.get(target.pid).read("smaps"))
-        return sample_accessed(mappings, referenced_fraction(mappings, referenced), addrs, self.rng)
+        fired = self._credits.of(target).fire(mappings, referenced_fraction(mappings, referenced))
+        return mapping_answers(mappings, fired, addrs)

@@ -29,22 +29,41 @@ the file share one pread, identical bitmap words are written and read once.
 A run is only worth it while it is short, because the kernel visits every page
 in it (a bitmap read even walks the rmap of every idle page of its words): see
 bench/page_idle.py for the measurements behind the gap constants.
+
+A sample has two implementations with the same signature: prepare_sample and
+check_sample below (the reference, in Python and numpy), and the C module
+_page_idle (built with the package; `_page_idle.c`), which does the same
+kernel calls in one call per target and sample. Under emulation a numpy
+call or a Python loop step costs about as much as a kernel call, and a
+sample of a few dozen regions made several dozen of each; the C path is what
+the daemon uses, the Python path what it is tested against (and the
+fallback, with a log line, where the module could not be built).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 
 from damond.monitor.config import TargetConfig
 from damond.monitor.ops.base import TargetGone
-from damond.monitor.ops.process import ProcessHolder, ProcessTable, TargetProcess
+from damond.monitor.ops.process import (
+    ProcessHolder,
+    ProcessTable,
+    TargetProcess,
+    gone_when_missing,
+)
+
+log = logging.getLogger(__name__)
 
 BITMAP = "/sys/kernel/mm/page_idle/bitmap"
 KPAGEFLAGS = "/proc/kpageflags"
@@ -88,6 +107,13 @@ BITMAP_READ_GAP = 0
 """Bitmap words are read together only when adjacent: every idle page of a word
 read costs an rmap walk (~0.6 µs each, TCG: ~47 µs for a fully idle word against
 ~10 µs for a pread of a word with nothing idle)."""
+
+NO_HEAD = ALL_ONES
+"""A sample's head where page_idle cannot tell (counts as not accessed): no page,
+not on an LRU list (the zero page, hugetlb, kernel memory, pages still in a
+per-CPU LRU batch), or no head found."""
+PFN_HIDDEN = -2
+"""prepare_sample's answer when pagemap shows present pages without PFNs."""
 
 HEAD_CACHE_PREPARES = 100
 """prepare() calls after which the learned tail→head spans are forgotten: a
@@ -149,12 +175,17 @@ def decode_pagemap(entries: np.ndarray) -> np.ndarray:
     present = (entries & np.uint64(PM_PRESENT)) != 0
     pfns = np.where(present, entries & np.uint64(PM_PFN_MASK), np.uint64(0))
     if np.any(present & (pfns == 0)):
-        raise PermissionError(
-            errno.EPERM,
-            "pagemap shows present pages without their PFNs: "
-            "page_idle needs CAP_SYS_ADMIN (run damond as root)",
-        )
+        raise pfns_hidden()
     return pfns
+
+
+def pfns_hidden() -> PermissionError:
+    """The kernel hides PFNs from readers without CAP_SYS_ADMIN (PFN 0 is never a user page)."""
+    return PermissionError(
+        errno.EPERM,
+        "pagemap shows present pages without their PFNs: "
+        "page_idle needs CAP_SYS_ADMIN (run damond as root)",
+    )
 
 
 class Unique(NamedTuple):
@@ -333,22 +364,23 @@ class HeadCache:
     how long a changed folio layout can mislead.
     """
 
-    def __init__(self) -> None:
-        self._last: dict[int, int] = {}
+    def __init__(self, spans: dict[int, int] | None = None) -> None:
+        self.spans: dict[int, int] = spans if spans is not None else {}
+        """head -> last known tail: what both sample paths are handed."""
 
     def clear(self) -> None:
-        self._last.clear()
+        self.spans.clear()
 
     def nearest(self, pfn: int) -> tuple[int, int] | None:
         """(head, last known tail) of the nearest cached head that may hold pfn."""
         for head in head_candidates(pfn):
-            last = self._last.get(head)
+            last = self.spans.get(head)
             if last is not None:
                 return head, last
         return None
 
     def learn(self, head: int, last: int) -> None:
-        self._last[head] = max(last, self._last.get(head, last))
+        self.spans[head] = max(last, self.spans.get(head, last))
 
 
 def find_head(kpageflags: int, pfn: int, cache: HeadCache) -> int:
@@ -375,23 +407,153 @@ def find_head(kpageflags: int, pfn: int, cache: HeadCache) -> int:
     return head
 
 
+# --- one sample: the Python reference of _page_idle.c ------------------------------------------
+
+
+def heads_of(
+    kpageflags: int, pfns: np.ndarray, cache: HeadCache, max_gap: int = KPAGEFLAGS_GAP
+) -> np.ndarray:
+    """The head PFN standing for each pfn (0: no page), or NO_HEAD where page_idle cannot tell."""
+    valid = pfns != 0
+    flags = np.full(len(pfns), KPF_NOPAGE, dtype=np.uint64)
+    flags[valid] = read_entries(kpageflags, pfns[valid], max_gap, KPF_NOPAGE)
+    trackable = valid & ((flags & np.uint64(KPF_LRU)) != 0)
+    heads = np.where(trackable, pfns, np.uint64(NO_HEAD))
+    tails = trackable & ((flags & np.uint64(KPF_COMPOUND_TAIL)) != 0)
+    for i in np.flatnonzero(tails).tolist():
+        head = find_head(kpageflags, int(pfns[i]), cache)
+        heads[i] = head if head >= 0 else NO_HEAD
+    return heads
+
+
+def prepare_sample(
+    addrs: np.ndarray,
+    heads: np.ndarray,
+    pagemap: int,
+    kpageflags: int,
+    bitmap: int,
+    tails: dict[int, int],
+    pagemap_gap: int = PAGEMAP_GAP,
+    kpageflags_gap: int = KPAGEFLAGS_GAP,
+    write_gap: int = BITMAP_WRITE_GAP,
+) -> int:
+    """Mark the (head) page of each address idle and fill heads (NO_HEAD: cannot tell).
+
+    addrs are virtual, translated through the pagemap fd, or physical when
+    pagemap is -1; tails are the spans of a HeadCache, learned and used.
+    Returns how many addresses' pagemap entries were read (for physical
+    addresses: how many there are); 0 when none was, the sign of a pagemap fd
+    holding an old address space, and then nothing is marked; PFN_HIDDEN when
+    pagemap shows present pages without their PFNs.
+    """
+    if pagemap >= 0:
+        entries = read_entries(pagemap, addrs // np.uint64(KERNEL_PAGE), pagemap_gap, ALL_ONES)
+        read = int(np.count_nonzero(entries != np.uint64(ALL_ONES)))
+        entries[entries == np.uint64(ALL_ONES)] = 0
+        present = (entries & np.uint64(PM_PRESENT)) != 0
+        pfns = np.where(present, entries & np.uint64(PM_PFN_MASK), np.uint64(0))
+        if not read:
+            heads[:] = NO_HEAD
+            return 0
+        if np.any(present & (pfns == 0)):
+            heads[:] = NO_HEAD
+            return PFN_HIDDEN
+    else:
+        pfns = addrs // np.uint64(KERNEL_PAGE)
+        read = len(addrs)
+    heads[:] = heads_of(kpageflags, pfns, HeadCache(tails), kpageflags_gap)
+    words, masks = word_masks(heads[heads != np.uint64(NO_HEAD)])
+    write_words(bitmap, words, masks, write_gap)
+    return read
+
+
+def check_sample(
+    heads: np.ndarray, accessed: np.ndarray, bitmap: int, read_gap: int = BITMAP_READ_GAP
+) -> None:
+    """Fill accessed: the head is trackable and no longer idle. The kernel clears the idle
+    flag of an accessed page, or finds its accessed bit set when this read walks its rmap."""
+    trackable = heads != np.uint64(NO_HEAD)
+    known = heads[trackable]
+    words, _ = word_masks(known)
+    values = read_sorted(bitmap, words, read_gap, fill=ALL_ONES)
+    accessed[:] = False
+    accessed[trackable] = ~bits_of(known, words, values)
+
+
+class SamplePath(NamedTuple):
+    """One implementation of a sample: prepare_sample and check_sample, or _page_idle's."""
+
+    name: str
+    prepare: Callable[..., int]
+    check: Callable[..., None]
+
+
+PYTHON_PATH = SamplePath("python", prepare_sample, check_sample)
+"""The reference (tested against the kernel, and the C path tested against it)."""
+
+
+def _load_native() -> tuple[SamplePath | None, str]:
+    """The C path, or None and why not (never raises: damond runs without it)."""
+    try:
+        from damond.monitor.ops import _page_idle as native
+    except ImportError as e:
+        return None, f"the C module is not built ({e})"
+    differ = _native_differs(native)
+    if differ:
+        return None, f"the C module disagrees with page_idle.py on {differ}"
+
+    return SamplePath("c", native.prepare, native.check), ""
+
+
+def _native_differs(native: ModuleType) -> str:
+    """The constants the two paths must share, where they differ ('' when none)."""
+    ours = {
+        "NO_HEAD": NO_HEAD,
+        "PFN_HIDDEN": PFN_HIDDEN,
+        "KERNEL_PAGE": KERNEL_PAGE,
+        "KPF_LRU": KPF_LRU,
+        "KPF_COMPOUND_HEAD": KPF_COMPOUND_HEAD,
+        "KPF_COMPOUND_TAIL": KPF_COMPOUND_TAIL,
+        "KPF_NOPAGE": KPF_NOPAGE,
+    }
+    return ", ".join(k for k, v in ours.items() if getattr(native, k, None) != v)
+
+
+NATIVE_PATH, NATIVE_PROBLEM = _load_native()
+"""The C path (None where it cannot be used, NATIVE_PROBLEM says why)."""
+_said_python = False
+
+
+def sample_path(native: bool | None) -> SamplePath:
+    """The C path when native is None and it is there (else the Python one, logged once);
+    native=True insists on C (RuntimeError without it), native=False takes Python."""
+    global _said_python
+    if native is False:
+        return PYTHON_PATH
+    if NATIVE_PATH is not None:
+        return NATIVE_PATH
+    if native:
+        raise RuntimeError(f"page_idle: {NATIVE_PROBLEM}")
+    if not _said_python:
+        _said_python = True
+        log.warning(
+            "page_idle: %s; sampling in Python instead (several times the CPU per sample)",
+            NATIVE_PROBLEM,
+        )
+    return PYTHON_PATH
+
+
 # --- the access check -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Prepared:
+class Prepared(NamedTuple):
     """What prepare() marked for one target, for check() to read back."""
 
     pid: int
     addrs: np.ndarray
     heads: np.ndarray
-    """The PFN whose idle bit stands for each address (the head of its folio)."""
-    words: np.ndarray
-    """The sorted unique bitmap words of the trackable heads: what check() reads."""
-    trackable: np.ndarray
-    """False where page_idle cannot tell, which counts as not accessed: no page, or
-    not on an LRU list (the zero page, hugetlb, kernel memory, pages still in a
-    per-CPU LRU batch), or no head found."""
+    """The PFN whose idle bit stands for each address (the head of its folio), or
+    NO_HEAD where page_idle cannot tell, which counts as not accessed."""
 
 
 def open_kernel_file(path: str, flags: int) -> int:
@@ -410,7 +572,8 @@ class PageIdleAccess(ProcessHolder):
     A target with a pid (vaddr, fvaddr) has virtual sampling addresses,
     translated through its pinned /proc/PID/pagemap; the paddr target (pid -1)
     has physical ones. The pagemap fd of each process, kpageflags and the
-    bitmap stay open while the check lives.
+    bitmap stay open while the check lives. ``native`` chooses the sample
+    path (sample_path): by default the C one where it is built.
     """
 
     name = "page_idle"
@@ -420,7 +583,9 @@ class PageIdleAccess(ProcessHolder):
         processes: ProcessTable | None = None,
         seed: int | None = None,
         bitmap: str = BITMAP,
+        native: bool | None = None,
     ) -> None:
+        self.path = sample_path(native)
         super().__init__(processes)
         self._bitmap = open_kernel_file(bitmap, os.O_RDWR)
         try:
@@ -435,32 +600,37 @@ class PageIdleAccess(ProcessHolder):
 
     def prepare(self, target: TargetConfig, addrs: np.ndarray) -> None:
         """Mark the (head) page of each address idle; remember which for check()."""
-        addrs = np.array(addrs, dtype=np.uint64)
+        addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
         self._prepares += 1
         if self._prepares % HEAD_CACHE_PREPARES == 0:
             self._heads.clear()
-        heads, trackable = self._heads_of(self._pfns(target, addrs))
-        words, masks = word_masks(heads[trackable])
-        write_words(self._bitmap, words, masks, BITMAP_WRITE_GAP)
-        self._prepared[target.index] = Prepared(target.pid, addrs, heads, words, trackable)
+        heads = np.empty(len(addrs), dtype=np.uint64)
+        if target.pid < 0:
+            self._prepare_through(None, addrs, heads)
+        else:
+            # not live(): a pagemap that reads nothing says the same, one poll less a sample
+            self._prepare_virtual(self.processes.get(target.pid), addrs, heads)
+        self._prepared[target.index] = Prepared(target.pid, addrs, heads)
 
     def check(self, target: TargetConfig, addrs: np.ndarray) -> np.ndarray:
-        """Accessed = trackable and no longer idle: the kernel clears the idle flag of
-        an accessed page, or finds its accessed bit set when this read walks its rmap."""
+        """Whether each sampled page was accessed since prepare() (not trackable: False)."""
         prepared = self._prepared.get(target.index)
         if (
             prepared is None
             or prepared.pid != target.pid
-            or not np.array_equal(prepared.addrs, addrs)
+            or (prepared.addrs is not addrs and not np.array_equal(prepared.addrs, addrs))
         ):
             raise ValueError(f"page_idle: check() of target {target.index} without its prepare()")
         if target.pid >= 0:
             self.processes.live(target.pid)
-        values = read_sorted(self._bitmap, prepared.words, BITMAP_READ_GAP, fill=ALL_ONES)
-        heads = prepared.heads[prepared.trackable]
-        accessed = np.zeros(len(addrs), dtype=bool)
-        accessed[prepared.trackable] = ~bits_of(heads, prepared.words, values)
+        accessed = np.empty(len(addrs), dtype=bool)
+        self.path.check(prepared.heads, accessed, self._bitmap, BITMAP_READ_GAP)
         return accessed
+
+    def marked(self, target: TargetConfig) -> np.ndarray:
+        """The heads the last prepare() of target marked (NO_HEAD: cannot tell): what
+        the two sample paths are compared by (tests/vm)."""
+        return self._prepared[target.index].heads.copy()
 
     def close(self) -> None:
         for attr in ("_bitmap", "_kpageflags"):
@@ -471,51 +641,37 @@ class PageIdleAccess(ProcessHolder):
         self._prepared.clear()
         super().close()
 
-    def _pfns(self, target: TargetConfig, addrs: np.ndarray) -> np.ndarray:
-        """The PFN of each sampling address; 0 where no page is there."""
-        if target.pid < 0:
-            return addrs // np.uint64(KERNEL_PAGE)
-        proc = self.processes.live(target.pid)
-        entries = self._pagemap(proc, addrs)
-        return decode_pagemap(entries)
-
-    def _pagemap(self, proc: TargetProcess, addrs: np.ndarray) -> np.ndarray:
-        """pagemap entries of addrs; TargetGone when the process has gone meanwhile.
+    def _prepare_virtual(self, proc: TargetProcess, addrs: np.ndarray, heads: np.ndarray) -> None:
+        """prepare through the pagemap; TargetGone when the process has gone meanwhile.
 
         A pagemap fd holds the address space it was opened on: after the
         target's execve it reads nothing, so it is opened again once.
         """
-        vpns = addrs // np.uint64(KERNEL_PAGE)
-        entries = self._read_pagemap(proc, vpns)
-        if len(vpns) and np.all(entries == np.uint64(ALL_ONES)):  # not a byte read
+        read = self._prepare_through(proc, addrs, heads)
+        if not read and len(addrs):
             if not proc.alive():
                 raise TargetGone(proc.pid)
             reopen(proc, "pagemap")
-            entries = self._read_pagemap(proc, vpns)
-        return np.where(entries == np.uint64(ALL_ONES), np.uint64(0), entries)
+            read = self._prepare_through(proc, addrs, heads)
+        if read == PFN_HIDDEN:
+            raise pfns_hidden()
 
-    def _read_pagemap(self, proc: TargetProcess, vpns: np.ndarray) -> np.ndarray:
-        fd = proc.fd("pagemap")
-        try:
-            return read_entries(fd, vpns, PAGEMAP_GAP, fill=ALL_ONES)
-        except OSError as e:
-            if e.errno in (errno.ESRCH, errno.ENOENT):
-                raise TargetGone(proc.pid) from e
-            raise
-
-    def _heads_of(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The head PFN standing for each pfn, and whether page_idle can track it."""
-        valid = pfns != 0
-        flags = np.full(len(pfns), KPF_NOPAGE, dtype=np.uint64)
-        flags[valid] = read_entries(self._kpageflags, pfns[valid], KPAGEFLAGS_GAP, KPF_NOPAGE)
-        trackable = valid & ((flags & np.uint64(KPF_LRU)) != 0)
-        heads = pfns.copy()
-        tails = trackable & ((flags & np.uint64(KPF_COMPOUND_TAIL)) != 0)
-        for i in np.flatnonzero(tails).tolist():
-            head = find_head(self._kpageflags, int(pfns[i]), self._heads)
-            trackable[i] = head >= 0
-            heads[i] = max(head, 0)
-        return heads, trackable
+    def _prepare_through(
+        self, proc: TargetProcess | None, addrs: np.ndarray, heads: np.ndarray
+    ) -> int:
+        """One sample path call: through proc's pagemap, or of physical addresses (None)."""
+        with gone_when_missing(proc):
+            return self.path.prepare(
+                addrs,
+                heads,
+                proc.fd("pagemap") if proc is not None else -1,
+                self._kpageflags,
+                self._bitmap,
+                self._heads.spans,
+                PAGEMAP_GAP,
+                KPAGEFLAGS_GAP,
+                BITMAP_WRITE_GAP,
+            )
 
 
 def reopen(proc: TargetProcess, name: str) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import select
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from damond.monitor.ops.base import TargetGone
@@ -132,6 +133,13 @@ class TargetProcess:
         except PermissionError as e:
             return f"pid {self.pid}: cannot read its memory ({e.filename}: {e.strerror})"
         return ""
+
+    @property
+    def pidfd(self) -> int:
+        """The pidfd that pins the process (process_madvise(2) acts through it)."""
+        if self._pidfd < 0:
+            raise TargetGone(self.pid, "is closed")
+        return self._pidfd
 
     def path(self, name: str) -> str:
         """The file's name for messages (we never open by this path)."""
@@ -294,3 +302,17 @@ class ProcessHolder:
     def close(self) -> None:
         if self._owns_processes:
             self.processes.close()
+
+
+@contextmanager
+def gone_when_missing(proc: TargetProcess | None) -> Iterator[None]:
+    """ESRCH or ENOENT from a proc file of proc: the process has gone (TargetGone).
+
+    For the reads made through a cached fd (pagemap) rather than TargetProcess.read.
+    """
+    try:
+        yield
+    except OSError as e:
+        if proc is not None and e.errno in _GONE_ERRNOS:
+            raise TargetGone(proc.pid) from e
+        raise

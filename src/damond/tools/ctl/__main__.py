@@ -1,0 +1,5 @@
+import sys
+
+from damond.tools.ctl import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""Reading kernel DAMON's trace events: ring buffer pages, records, whole aggregations.
+
+The pages here are built by hand in the kernel's binary format (the
+arithmetic of headers, time deltas and lengths is what is tested); reading
+them from a real kernel, with a real kdamond writing them, is
+tests/vm/test_guest_kernel_backend.py's.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from damond.monitor.kernel_relay import Aggregations
+from damond.monitor.ops import damon_trace
+from damond.monitor.ops.damon_trace import EventFormat, PageLayout, parse_page, parse_pages
+
+# events/damon/damon_aggregated/format of the test guest's Linux 6.12
+FORMAT = """name: damon_aggregated
+ID: 340
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:unsigned long target_id;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:unsigned int nr_regions;\toffset:16;\tsize:4;\tsigned:0;
+\tfield:unsigned long start;\toffset:24;\tsize:8;\tsigned:0;
+\tfield:unsigned long end;\toffset:32;\tsize:8;\tsigned:0;
+\tfield:unsigned int nr_accesses;\toffset:40;\tsize:4;\tsigned:0;
+\tfield:unsigned int age;\toffset:44;\tsize:4;\tsigned:0;
+
+print fmt: "target_id=%lu nr_regions=%u %lu-%lu: %u %u", REC->target_id, ...
+"""
+FMT = EventFormat.parse(FORMAT)
+PAYLOAD = struct.Struct("<HBBiQI4xQQII")
+PAGE = 4096
+
+
+def record(delta: int, pid: int, target: int, nr: int, start: int, end: int, acc: int, age: int,
+           event: int = 340) -> bytes:  # fmt: skip
+    return struct.pack("<I", 12 | delta << 5) + PAYLOAD.pack(
+        event, 0, 1, pid, target, nr, start, end, acc, age
+    )
+
+
+def extend(delta: int) -> bytes:
+    """A time extend: delta split over its header's 27 bits and its word."""
+    return struct.pack("<II", 30 | (delta & ((1 << 27) - 1)) << 5, delta >> 27)
+
+
+def padding(length: int) -> bytes:
+    """A discarded event of length bytes (header included)."""
+    return struct.pack("<II", 29 | 1 << 5, length - 4) + bytes(length - 8)
+
+
+def page(ts: int, *items: bytes, missed: bool = False) -> bytes:
+    data = b"".join(items)
+    commit = len(data) | (1 << 31 if missed else 0)
+    return struct.pack("<Qq", ts, commit) + data + bytes(PAGE - 16 - len(data))
+
+
+def regions(pid: int, target: int, n: int, first_delta: int = 7, acc: int = 3) -> list[bytes]:
+    return [
+        record(first_delta if i == 0 else 1, pid, target, n, i * 4096, (i + 1) * 4096, acc, i)
+        for i in range(n)
+    ]
+
+
+def test_the_format_says_where_each_field_is() -> None:
+    assert FMT.event_id == 340
+    assert FMT.dtype.itemsize == 48 and FMT.type_len == 12
+    assert {n: FMT.dtype.fields[n][1] for n in ("start", "end", "age")} == {  # type: ignore[index]
+        "start": 24,
+        "end": 32,
+        "age": 44,
+    }
+    with pytest.raises(damon_trace.TraceError, match="lacks age"):
+        EventFormat.parse(FORMAT.replace("int age;", "int aged;"))
+
+
+def test_a_page_of_records_becomes_times_and_fields() -> None:
+    p = page(1000, *regions(55, 0, 3))
+    events = parse_page(p, FMT)
+    assert events.ts.tolist() == [1007, 1008, 1009]
+    assert events.records.field("start").tolist() == [0, 4096, 8192]
+    assert events.records.field("common_pid").tolist() == [55, 55, 55]
+    assert events.records.field("nr_regions").tolist() == [3, 3, 3]
+    assert events.records.field("age").tolist() == [0, 1, 2]
+    assert events.records.field("common_type").tolist() == [340] * 3
+    assert not events.missed
+
+
+def test_time_extends_padding_and_other_events_are_stepped_over() -> None:
+    long_gap = 5 << 27 | 12345  # more than a header's 27 bits of delta
+    other = record(2, 1, 0, 1, 0, 4096, 0, 0, event=341)
+    items = [
+        *regions(55, 0, 2),
+        padding(20),
+        extend(long_gap),
+        other,
+        *regions(55, 1, 2, first_delta=4),
+    ]
+    p = page(10**9, *items, missed=True)
+    events = parse_page(p, FMT)
+    after_extend = 10**9 + 7 + 1 + long_gap + 2
+    assert events.ts.tolist() == [10**9 + 7, 10**9 + 8, after_extend + 4, after_extend + 5]
+    assert events.records.field("target_id").tolist() == [0, 0, 1, 1]
+    assert events.missed
+    joined = parse_pages([p, page(2 * 10**9, *regions(56, 0, 1))], FMT)
+    assert joined.ts.tolist() == [*events.ts.tolist(), 2 * 10**9 + 7]
+    assert joined.records.field("common_pid").tolist() == [55, 55, 55, 55, 56]
+    assert joined.missed
+
+
+def test_reading_pages_together_is_reading_them_one_by_one() -> None:
+    """parse_pages joins the runs of several pages into one numpy pass: the same result."""
+    rng = np.random.default_rng(3)
+    pages = []
+    for n in range(12):
+        items: list[bytes] = []
+        for _ in range(int(rng.integers(1, 4))):
+            kind = int(rng.integers(0, 4))
+            if kind == 0:
+                items.append(extend(int(rng.integers(1 << 27, 1 << 40))))
+            elif kind == 1:
+                items.append(padding(int(rng.integers(2, 30)) * 4))
+            items += regions(50 + n % 2, 0, int(rng.integers(1, 25)), int(rng.integers(0, 99)))
+        pages.append(page(n * 10**8, *items))
+    one_by_one = [parse_page(p, FMT) for p in pages]
+    together = parse_pages(pages, FMT)
+    assert together.ts.tolist() == np.concatenate([e.ts for e in one_by_one]).tolist()
+    assert (
+        together.records.words
+        == np.concatenate([e.records.words for e in one_by_one])
+    ).all()
+
+
+def test_layout_of_pages_comes_from_tracefs() -> None:
+    header_page = "\tfield: char data;\toffset:16;\tsize:4080;\tsigned:0;\n"
+    assert PageLayout.parse(header_page, 8192) == PageLayout(16, 8192)
+
+
+def aggregate(aggregations: Aggregations, *pages: bytes) -> list[list[tuple[int, list[int]]]]:
+    """The aggregations the pages complete: per aggregation, (target, region starts)."""
+    events = parse_pages(list(pages), FMT)
+    return [
+        [(t, r.field("start").tolist()) for t, r in a.targets]
+        for a in aggregations.add(events.ts, events.records)
+    ]
+
+
+def test_aggregations_are_whole_once_every_target_is_read() -> None:
+    agg = Aggregations(nr_targets=2)
+    first = regions(55, 0, 3) + regions(55, 1, 2)
+    assert aggregate(agg, page(0, *first[:4])) == []  # target 1 half read
+    assert agg.midway
+    assert aggregate(agg, page(100, *first[4:], *regions(55, 0, 1))) == [
+        [(0, [0, 4096, 8192]), (1, [0, 4096])]
+    ]
+    assert aggregate(agg, page(200, *regions(55, 1, 1))) == [[(0, [0]), (1, [0])]]
+    assert not agg.midway
+
+
+def test_a_loss_drops_the_half_read_aggregation_and_waits_for_a_whole_one() -> None:
+    agg = Aggregations(nr_targets=2)
+    assert aggregate(agg, page(0, *regions(55, 0, 2))) == []
+    agg.lose()
+    # the kernel dropped records: what comes next is the tail of an aggregation
+    tail = regions(55, 1, 3)[1:]  # target 1's last two of three regions
+    assert aggregate(agg, page(100, *tail, *regions(55, 0, 1), *regions(55, 1, 1))) == [
+        [(0, [0]), (1, [0])]
+    ]
+
+
+def test_a_run_glued_from_two_aggregations_is_refused_after_a_loss() -> None:
+    """A target's last regions, then (records lost) the next aggregation's first ones:
+    same target, same count, but not sorted: not one aggregation, and what follows is."""
+    agg = Aggregations(nr_targets=1)
+    agg.lose()
+    old = regions(55, 0, 4)[2:]  # regions 2, 3 of 4
+    new = regions(55, 0, 4)  # a whole next aggregation
+    got = aggregate(agg, page(0, *old, *new[:2]), page(100, *new[2:], *regions(55, 0, 4)))
+    whole = [(0, [0, 4096, 8192, 12288])]
+    assert got == [whole, whole]  # the glued run refused; the two whole ones after it kept
