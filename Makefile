@@ -63,6 +63,9 @@ DBUS_POLICY_DIR ?= $(if $(filter /usr,$(PREFIX)),/usr/share/dbus-1/system.d,/etc
 # Debian's interpreter, not pyenv's (under /root, hidden by ProtectHome=).
 SYSTEM_PYTHON   ?= /usr/bin/python3
 INSTALL_APT_PACKAGES := python3-venv python3-dev libsystemd-dev pkg-config gcc
+# Names whose first call starts the daemon (root's, group damond's, everyone's):
+# one activation file each, made from packaging/org.damond1.service.
+ACTIVATED_NAMES := org.damond1 org.damond1.Readers org.damond1.Public
 # Optional dependencies installed with damond: "tools" is what damondctl and
 # damond-exporter need (EXTRAS= installs the daemon's own dependencies only).
 EXTRAS          ?= tools
@@ -80,9 +83,12 @@ install:
 	for tool in $(COMMANDS); do ln -sfn $(VENVDIR)/bin/$$tool $(DESTDIR)$(BINDIR)/$$tool; done
 	$(SUBST) packaging/damond.service > $(DESTDIR)$(UNITDIR)/damond.service
 	$(SUBST) packaging/damond-exporter.service > $(DESTDIR)$(UNITDIR)/damond-exporter.service
-	$(SUBST) packaging/org.damond1.service > $(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service
-	chmod 0644 $(DESTDIR)$(UNITDIR)/damond.service $(DESTDIR)$(UNITDIR)/damond-exporter.service \
-		$(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service
+	for name in $(ACTIVATED_NAMES); do \
+		$(SUBST) -e "s|^Name=org.damond1$$|Name=$$name|" packaging/org.damond1.service \
+			> $(DESTDIR)$(DBUS_SERVICEDIR)/$$name.service && \
+		chmod 0644 $(DESTDIR)$(DBUS_SERVICEDIR)/$$name.service || exit 1; \
+	done
+	chmod 0644 $(DESTDIR)$(UNITDIR)/damond.service $(DESTDIR)$(UNITDIR)/damond-exporter.service
 	install -m 0644 packaging/dbus-policy.conf $(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
 	install -m 0644 docs/operations.md $(DESTDIR)$(DOCDIR)/operations.md
 	@scripts/install-hooks post-install "$(DESTDIR)"
@@ -91,7 +97,7 @@ uninstall:
 	@scripts/install-hooks pre-uninstall "$(DESTDIR)"
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(COMMANDS)) $(DESTDIR)$(UNITDIR)/damond.service \
 		$(DESTDIR)$(UNITDIR)/damond-exporter.service \
-		$(DESTDIR)$(DBUS_SERVICEDIR)/org.damond1.service \
+		$(foreach name,$(ACTIVATED_NAMES),$(DESTDIR)$(DBUS_SERVICEDIR)/$(name).service) \
 		$(DESTDIR)$(DBUS_POLICY_DIR)/org.damond1.conf
 	rm -rf $(DESTDIR)$(VENVDIR) $(DESTDIR)$(DOCDIR)
 	@scripts/install-hooks post-uninstall "$(DESTDIR)"

@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import ceiling, clear_refs, damos, dbus, engine, guest, page_idle, wss
+from bench import ceiling, clear_refs, damos, dbus, engine, guest, page_idle, wire, wss
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -41,6 +41,8 @@ def main() -> int:
     clear_md = clear_refs.markdown(clear_refs.run())
     print("D-Bus …", file=sys.stderr)
     dbus_md = dbus.markdown(dbus.run())
+    print("marshalling …", file=sys.stderr)
+    wire_md = wire.markdown(wire.run())
     print("page_idle vs clear_refs, in the test guest …", file=sys.stderr)
     found = page_idle.in_vm([])
     page_idle_md = (
@@ -89,6 +91,17 @@ targets (vaddr, clear_refs), dbus-fast clients. Latency is the client's
 CLOCK_REALTIME at receipt minus the snapshot's `timestamp_us`.
 
 {dbus_md}
+
+## D-Bus: bodies marshalled once (bench/wire.py)
+
+Event-loop time to produce one message body: dbus-fast marshalling Python
+values at every send (what the daemon did before; the reference, same run)
+vs damond's bodies built once (`wire.py`: a Snapshot from its numpy arrays;
+`treecache.py`: GetManagedObjects from one cached entry per object, only
+changed objects marshalled again). A tree of 4 kdamonds × 4 targets × 1000
+regions, as in tests/test_attacks.py.
+
+{wire_md}
 
 ## page_idle (C and Python), soft_dirty and clear_refs per region per sample (test guest)
 

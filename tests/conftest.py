@@ -13,12 +13,16 @@ DAMOND_TEST_BACKEND=kernel, do the daemons get the guest kernel's real tree
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import os
 import platform
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,10 +63,36 @@ if KERNEL_BACKEND and not in_test_guest():
     )
 os.environ[ADMIN_ENV] = GUEST_KERNEL_DAMON_ADMIN if KERNEL_BACKEND else KERNEL_DAMON_ADMIN
 
+REPO = Path(__file__).resolve().parent.parent
+POLICY = REPO / "packaging" / "dbus-policy.conf"
+RAWBUS = Path(__file__).with_name("rawbus.py")
+"""The stdlib-only client that plays other users (subscribers, forgers, attackers)."""
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""pyenv's python lives under /root, out of nobody's reach; Debian's is everyone's."""
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+MEMBER = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=damond"]
+"""`nobody`, and `nobody` as a member of the group damond."""
+
+
+@pytest.fixture(scope="session")
+def damond_group() -> None:
+    """The group the policy names; `make install` creates it the same way."""
+    try:
+        grp.getgrnam("damond")
+    except KeyError:
+        subprocess.run(["groupadd", "--system", "damond"], check=True)
+
 
 @pytest.fixture
 def private_bus() -> Iterator[PrivateBus]:
     with start_private_bus() as bus:
+        yield bus
+
+
+@pytest.fixture
+def policy_bus() -> Iterator[PrivateBus]:
+    """A bus configured like the system bus, with the project's policy file itself."""
+    with start_private_bus(policy_files=[POLICY]) as bus:
         yield bus
 
 
@@ -199,10 +229,13 @@ async def start_damond(
     tmp_path: Any,
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
+    wrapper: tuple[str, ...] = (),
 ) -> Damond:
     """Start the daemon (with more command-line args) and wait for its name to appear."""
     log_path = tmp_path / "damond.log"
-    process = spawn_daemon(bus.address, log_path, "--log-level", "debug", *args, env=env)
+    process = spawn_daemon(
+        bus.address, log_path, "--log-level", "debug", *args, env=env, wrapper=wrapper
+    )
     daemon = Damond(bus, process, client, str(log_path))
     try:
         await wait_for_name(client, BUS_NAME, DAEMON_START_TIMEOUT)
@@ -295,6 +328,55 @@ def workload() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
     process, info = start_workload(4, 16)
     yield process, info
     stop_process(process)
+
+
+class NotifySocket:
+    """What systemd would receive: (monotonic arrival time, message) pairs."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setblocking(False)
+        self.path = path
+
+    async def next(self, timeout: float = 10.0) -> tuple[float, str]:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout)
+        return loop.time(), data.decode()
+
+    async def until(self, predicate: Any, timeout: float = 10.0) -> tuple[float, str]:
+        while True:
+            arrived, message = await self.next(timeout)
+            if predicate(message):
+                return arrived, message
+
+
+@contextlib.asynccontextmanager
+async def notified_damond(
+    bus: PrivateBus, tmp_path: Any, watchdog_usec: int, **env: str
+) -> AsyncIterator[tuple[Damond, NotifySocket]]:
+    """The daemon with a NOTIFY_SOCKET (what systemd would receive) and WATCHDOG_USEC;
+    yields it and the socket, stops it after (the caller checks its exit if it cares)."""
+    notify = NotifySocket(str(tmp_path / "notify"))
+    client = await MessageBus(bus_address=bus.address).connect()
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec), **env}
+    daemon = await start_damond(bus, client, tmp_path, env=env)
+    try:
+        yield daemon, notify
+    finally:
+        stop_process(daemon.process)
+        client.disconnect()
+        notify.sock.close()
+
+
+def rawbus_as(user: list[str], *args: str) -> subprocess.Popen[str]:
+    """tests/rawbus.py run as user (a setpriv prefix; [] for root), with text pipes."""
+    return subprocess.Popen(
+        [*user, SYSTEM_PYTHON, str(RAWBUS), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def daemon_rss(daemon: Damond) -> int:

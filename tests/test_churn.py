@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, Damond, stop_process
+from pidreuse import PidGiver, Reused  # tests/pidreuse.py
 
 from damond.tools.client import ATTRIBUTE_HOMES
 
@@ -217,10 +218,9 @@ async def test_forked_children_and_exec(damond: Damond) -> None:
 # --- pid reuse, end to end, in a PID namespace ----------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
-def test_a_reused_pid_is_not_monitored_as_the_old_target(
-    private_bus: Any, tmp_path: Path
-) -> None:
+def in_a_pid_namespace(scenario: str, address: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Run this file's scenario (its pid 1 the script, damond inside): its JSON result,
+    and the daemon's log."""
     out = subprocess.run(
         [
             "unshare",
@@ -229,8 +229,8 @@ def test_a_reused_pid_is_not_monitored_as_the_old_target(
             "--mount-proc",
             sys.executable,
             __file__,
-            "reuse",
-            private_bus.address,
+            scenario,
+            address,
             str(tmp_path / "damond.log"),
         ],
         capture_output=True,
@@ -240,7 +240,12 @@ def test_a_reused_pid_is_not_monitored_as_the_old_target(
     )
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    log = (tmp_path / "damond.log").read_text()
+    return result, (tmp_path / "damond.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_reused_pid_is_not_monitored_as_the_old_target(private_bus: Any, tmp_path: Path) -> None:
+    result, log = in_a_pid_namespace("reuse", private_bus.address, tmp_path)
     # B really got A's pid, while the kdamond was still on and had not looked again
     assert result["reused"], result
     assert result["on_when_reused"], result
@@ -252,22 +257,32 @@ def test_a_reused_pid_is_not_monitored_as_the_old_target(
     assert "Traceback" not in log, log
 
 
+async def _snapshots_once_served(bus: Any) -> list[tuple[float, list[Any]]]:
+    """Once damond owns its name: every Snapshot it sends from then, with arrival times."""
+    from damond.tools import client
+    from damond.tools.privatebus import wait_for_name
+
+    await wait_for_name(bus, client.BUS_NAME, 15)
+    await client.add_match(bus, client.SNAPSHOT_RULE)
+    got: list[tuple[float, list[Any]]] = []
+    bus.add_message_handler(
+        lambda m: got.append((time.time(), m.body)) if m.member == "Snapshot" else None
+    )
+    return got
+
+
 async def _reuse(address: str, log_path: str) -> dict[str, Any]:
     """Inside the namespace (we are its pid 1): damond, a target A, A's death, B on A's pid."""
     from damond.tools import client
-    from damond.tools.privatebus import spawn_daemon, wait_for_name
+    from damond.tools.privatebus import spawn_daemon
 
     bus = await client.connect(address)
     daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")
     a = subprocess.Popen(["sleep", "600"])
-    b: subprocess.Popen[bytes] | None = None
+    giver = PidGiver()  # ahead: b must come right after a's death
+    b: Reused | None = None
     try:
-        await wait_for_name(bus, client.BUS_NAME, 15)
-        await client.add_match(bus, client.SNAPSHOT_RULE)
-        got: list[tuple[float, list[Any]]] = []
-        bus.add_message_handler(
-            lambda m: got.append((time.time(), m.body)) if m.member == "Snapshot" else None
-        )
+        got = await _snapshots_once_served(bus)
         p = client.ROOT
         await client.set_property(bus, p, "org.damond1.Kdamonds", "nr", "u", 1)
         await client.set_property(bus, K0, "org.damond1.Contexts", "nr", "u", 1)
@@ -281,11 +296,7 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # just after a sample: the next look is ~350 ms away
         pid = a.pid
-        a.kill()
-        a.wait()
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(pid - 1))
-        b = subprocess.Popen(["sleep", "600"])
+        b = giver.give(a)
         reused_at = time.time()
         state_then = await client.get_property(bus, K0, "org.damond1.Kdamond", "state")
         for _ in range(300):
@@ -297,14 +308,85 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
             "reused": b.pid == pid,
             "on_when_reused": state_then == "on",
             "state_after": state,
-            "b_alive": b.poll() is None,
+            "b_alive": b.alive(),
+            "snapshots_naming_b": [body[0] for t, body in got if t > reused_at + 0.01 and body[3]],
+        }
+    finally:
+        giver.close()
+        if b is not None:
+            b.kill()
+        for proc in (a, daemon):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+        bus.disconnect()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_pid_reused_after_commit_is_not_adopted(private_bus: Any, tmp_path: Path) -> None:
+    """`commit` pins the new pid when it accepts it, as the kernel does: the process
+    dies and its pid goes to another before the commit takes effect (the next
+    aggregation), and the newcomer is not monitored."""
+    result, log = in_a_pid_namespace("commit-reuse", private_bus.address, tmp_path)
+    assert result["reused"] and result["before_effect"], result
+    assert result["snapshots_after"] >= 2, result  # the commit has taken effect
+    assert result["state_after"] == "on" and result["b_alive"], result
+    assert not result["snapshots_naming_b"], result
+    assert "Traceback" not in log, log
+
+
+async def _commit_reuse(address: str, log_path: str) -> dict[str, Any]:
+    """Inside the namespace: an anchor target and a second one; commit makes A the
+    second, A dies right after and B gets A's pid, all before the next aggregation."""
+    from damond.tools import client
+    from damond.tools.privatebus import spawn_daemon
+
+    bus = await client.connect(address)
+    daemon = spawn_daemon(address, Path(log_path), "--log-level", "debug")
+    anchor, first, a = (subprocess.Popen(["sleep", "600"]) for _ in range(3))
+    giver = PidGiver()  # ahead: b must come right after a's death
+    b: Reused | None = None
+    try:
+        got = await _snapshots_once_served(bus)
+        await client.set_property(bus, client.ROOT, "org.damond1.Kdamonds", "nr", "u", 1)
+        await client.set_property(bus, K0, "org.damond1.Contexts", "nr", "u", 1)
+        await client.set_property(bus, C0, "org.damond1.Targets", "nr", "u", 2)
+        for i, proc in enumerate((anchor, first)):
+            await client.set_property(
+                bus, f"{C0}/targets/{i}", "org.damond1.Target", "pid", "i", proc.pid
+            )
+        await client.set_property(bus, C0, "org.damond1.Intervals", "sample_us", "t", 100_000)
+        await client.set_property(bus, C0, "org.damond1.Intervals", "aggr_us", "t", 1_000_000)
+        await client.set_property(bus, K0, "org.damond1.Kdamond", "state", "s", "on")
+        while not got:
+            await asyncio.sleep(0.01)
+        # just after an aggregation: the commit takes effect at the next, ~1 s away
+        committed_at = time.time()
+        await client.set_property(bus, f"{C0}/targets/1", "org.damond1.Target", "pid", "i", a.pid)
+        await client.set_property(bus, K0, "org.damond1.Kdamond", "state", "s", "commit")
+        pid = a.pid
+        b = giver.give(a)
+        reused_at = time.time()
+        seen_before = len(got)
+        while len([t for t, _ in got if t > reused_at]) < 2:
+            await asyncio.sleep(0.05)
+        state = await client.get_property(bus, K0, "org.damond1.Kdamond", "state")
+        return {
+            "reused": b.pid == pid,
+            "before_effect": seen_before == 1 and reused_at - committed_at < 0.5,
+            "snapshots_after": len([t for t, _ in got if t > reused_at]),
+            "state_after": state,
+            "b_alive": b.alive(),
             "snapshots_naming_b": [
-                body[0] for t, body in got if t > reused_at + 0.01 and body[3]
+                body[0] for t, body in got if t > reused_at and pid in {x[1] for x in body[3]}
             ],
         }
     finally:
-        for proc in (a, b, daemon):
-            if proc is not None and proc.poll() is None:
+        giver.close()
+        if b is not None:
+            b.kill()
+        for proc in (anchor, first, a, daemon):
+            if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
         bus.disconnect()
@@ -312,3 +394,5 @@ async def _reuse(address: str, log_path: str) -> dict[str, Any]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["reuse"]:
     print(json.dumps(asyncio.run(_reuse(sys.argv[2], sys.argv[3]))))
+if __name__ == "__main__" and sys.argv[1:2] == ["commit-reuse"]:
+    print(json.dumps(asyncio.run(_commit_reuse(sys.argv[2], sys.argv[3]))))

@@ -12,7 +12,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import KERNEL_BACKEND, ROOT, TEST_BACKEND, Damond, call, kernel_tree_state
+from conftest import (
+    KERNEL_BACKEND,
+    ROOT,
+    TEST_BACKEND,
+    Damond,
+    call,
+    kernel_tree_state,
+    start_damond,
+    stop_process,
+)
+from dbus_fast.aio import MessageBus
+
+from damond.tools.privatebus import PrivateBus
 
 K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
@@ -111,6 +123,42 @@ async def test_on_refuses_missing_and_dead_pids(
         await expect_error(damond, state(damond, "on"), INVALID, T0, f"pid {zombie.pid}")
     finally:
         zombie.wait()
+
+
+async def test_on_refuses_a_kernel_thread(damond: Damond) -> None:
+    """kthreadd is live but has no user memory: refused at `on`, naming why, instead of
+    a kdamond that turns itself off at its first sample."""
+    await configure(damond, 2)
+    await expect_error(damond, state(damond, "on"), INVALID, T0, "pid 2", "kernel thread")
+
+
+async def test_on_refuses_a_process_whose_memory_it_cannot_read(
+    private_bus: PrivateBus, tmp_path: Any
+) -> None:
+    """A daemon without CAP_SYS_PTRACE (all capabilities dropped) cannot read another
+    user's maps: `on` says so, and nothing starts."""
+    client = await MessageBus(bus_address=private_bus.address).connect()
+    no_caps = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
+    daemon = await start_damond(private_bus, client, tmp_path, wrapper=no_caps)
+    other_user = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sleep", "600"]
+    )
+    try:
+        await configure(daemon, other_user.pid)
+        await expect_error(
+            daemon,
+            state(daemon, "on"),
+            INVALID,
+            T0,
+            f"pid {other_user.pid}",
+            "cannot read its memory",
+            f"/proc/{other_user.pid}/maps",
+        )
+        assert await daemon.get(K0, "org.damond1.Kdamond", "state") == "off"
+    finally:
+        stop_process(other_user)
+        assert stop_process(daemon.process) == 0, daemon.stderr()
+        client.disconnect()
 
 
 async def test_on_needs_exactly_one_context_and_a_target(

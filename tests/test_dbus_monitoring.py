@@ -66,6 +66,7 @@ async def test_seed_walkthrough_with_busctl(
     assert damond.busctl(*get, "state").stdout.strip() == 's "on"'
     pid = int(damond.busctl(*get, "pid").stdout.split()[1])
     assert is_kdamond_pid(damond, pid), pid
+    measured_then = await measured_in_managed_objects(damond)
     # what auto stood for, said by the daemon (and announced) rather than guessed by clients
     context = ["get-property", "org.damond1", C0, "org.damond1.Context"]
     avail = json.loads(damond.busctl("--json=short", *context, "avail_access_checks").stdout)
@@ -100,6 +101,10 @@ async def test_seed_walkthrough_with_busctl(
     assert said[0] >= 5000 and said[1] >= 100_000, said
     assert 0.7 * said[1] < statistics.median(gaps) < 1.4 * said[1], (gaps, said)
     assert statistics.median(gaps) > 50_000, gaps
+    # not announced, but GetManagedObjects (kept marshalled) carries them a second old at most
+    measured_now = await measured_in_managed_objects(damond)
+    assert measured_now["effective_aggr_us"] > 0, measured_now
+    assert measured_now != measured_then, (measured_then, measured_now)
 
     latest = await call(damond.client, C0, "org.damond1.Context", "GetSnapshot")
     assert latest.signature == "ttua(uia(ttuu))"
@@ -112,6 +117,11 @@ async def test_seed_walkthrough_with_busctl(
     assert damond.busctl(*context, "effective_access_check").stdout.strip() == 's ""'
     assert damond.busctl(*context, "effective_backend").stdout.strip() == 's ""'
     assert damond.busctl(*context, "access_granularity").stdout.strip() == 's ""'
+
+
+async def measured_in_managed_objects(d: Damond) -> dict[str, int]:
+    context = (await d.managed_objects(measured=True))[C0]["org.damond1.Context"]
+    return {name: context[name] for name in EFFECTIVE}
 
 
 async def configure_and_start(d: Damond, pid: int, **attrs: int) -> None:

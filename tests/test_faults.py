@@ -154,7 +154,9 @@ async def test_bus_death_makes_damond_exit_1_with_one_line(
     assert took < 10, took
     # (the test runs the daemon at --log-level debug; debug lines may follow)
     last = [line for line in log.strip().splitlines() if not line.startswith("damond: DEBUG")][-1]
-    assert last.startswith("damond: lost the connection to the bus"), log
+    assert last.startswith("damond: lost the connection to the bus: "), log
+    reason = last.removeprefix("damond: lost the connection to the bus: ")
+    assert reason.strip() and reason[0].isalpha(), f"no reason given: {last!r}"
     assert "Traceback" not in log, log
 
 

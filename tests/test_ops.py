@@ -9,8 +9,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import gc
 import mmap
 import os
+import resource
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,6 +307,44 @@ def test_target_process_accepts_a_thread_id() -> None:
         worker.join()
     assert not proc.alive()
     proc.close()
+
+
+def test_a_failed_pin_closes_its_pidfd_exactly_once() -> None:
+    """pidfd_open succeeds, opening /proc/PID then fails (here EMFILE: pidfd_open took
+    the last free fd): the pidfd is closed, and its number forgotten. Were it
+    remembered, __del__ would close that number again, and by then it can be
+    another fd (in the daemon, another kdamond's pidfd or /proc directory): the
+    interleaving of that race, made deterministic by opening the fd ourselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+    fillers: list[int] = []
+    failure: Exception | None = None
+    try:
+        with pytest.raises(OSError) as full:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        assert full.value.errno == errno.EMFILE
+        del full
+        last_free = fillers.pop()
+        os.close(last_free)  # exactly one free fd: pidfd_open gets it
+        try:
+            TargetProcess(os.getpid())
+        except (OSError, TargetGone) as e:
+            failure = e  # keeps the half-made TargetProcess alive, as a traceback would
+        reused = os.open("/dev/null", os.O_RDONLY)  # gets the pidfd's old number
+        fillers.append(reused)
+        assert reused == last_free
+        said = repr(failure)
+        failure = None
+        gc.collect()  # the half-made TargetProcess goes, its __del__ runs
+        os.fstat(reused)  # still ours: nobody closed it behind our back
+        # and a full fd table is not a gone process: the error says what happened
+        assert "Too many open files" in said and "TargetGone" not in said, said
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_process_table_never_readopts_a_gone_pid(child: Child) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nspawn  # tests/nspawn.py
 import pytest
 from dbus_fast.aio import MessageBus
 
@@ -101,8 +102,12 @@ class Layout:
         return f"{self.prefix}/lib/systemd/system/damond-exporter.service"
 
     @property
-    def activation(self) -> str:
-        return f"{self.prefix}/share/dbus-1/system-services/org.damond1.service"
+    def activations(self) -> dict[str, str]:
+        """Each name whose first call starts the daemon, and its activation file."""
+        return {
+            name: f"{self.prefix}/share/dbus-1/system-services/{name}.service"
+            for name in ("org.damond1", "org.damond1.Readers", "org.damond1.Public")
+        }
 
     @property
     def policy(self) -> str:
@@ -148,15 +153,22 @@ def check_layout(root: Path, layout: Layout, tools: bool = True) -> None:
     exporter = unit_settings(at(layout.exporter_unit))
     assert exporter["ExecStart"] == [f"{layout.tools[1]} --bus system --listen 127.0.0.1:9433"]
     assert exporter["Documentation"] == [f"file:{layout.doc}"]
-    assert unit_settings(at(layout.activation)) == {
-        "Name": ["org.damond1"],
-        "Exec": [f"{layout.bin} --bus system"],
-        "User": ["root"],
-        "SystemdService": ["damond.service"],
-    }
+    for name, activation in layout.activations.items():
+        assert unit_settings(at(activation)) == {
+            "Name": [name],
+            "Exec": [f"{layout.bin} --bus system"],
+            "User": ["root"],
+            "SystemdService": ["damond.service"],
+        }
     assert at(layout.policy).read_bytes() == POLICY.read_bytes()
     assert at(layout.doc).read_bytes() == (REPO / "docs" / "operations.md").read_bytes()
-    for path in (layout.unit, layout.exporter_unit, layout.activation, layout.policy, layout.doc):
+    for path in (
+        layout.unit,
+        layout.exporter_unit,
+        *layout.activations.values(),
+        layout.policy,
+        layout.doc,
+    ):
         assert at(path).stat().st_mode & 0o777 == 0o644, path
 
 
@@ -184,7 +196,7 @@ def test_staged_install_lays_out_files_for_the_final_paths(
     assert {str(p) for p in installed if "/lib/damond/" not in str(p)} == {
         str(destdir) + path
         for path in (layout.bin, *layout.tools, layout.unit, layout.exporter_unit,
-                     layout.activation, layout.policy, layout.doc)
+                     *layout.activations.values(), layout.policy, layout.doc)
     }  # fmt: skip
     # Nothing that runs names the staging directory: shebangs, activate scripts,
     # pyvenv.cfg and bytecode all say the final path.
@@ -196,7 +208,7 @@ def test_staged_install_lays_out_files_for_the_final_paths(
     ]
     assert not leaks, leaks[:10]
     if prefix is not None:
-        for path in (layout.unit, layout.exporter_unit, layout.activation):
+        for path in (layout.unit, layout.exporter_unit, *layout.activations.values()):
             values = unit_settings(destdir / path.lstrip("/")).values()
             assert not [v for vs in values for v in vs if "/usr/local" in v], path
     # A staging install leaves the build host alone.
@@ -527,11 +539,9 @@ def test_each_capability_is_what_grants_its_access(nobodys_process: tuple[int, s
 
 
 # --- The installed unit under a real systemd ---------------------------------------
-# This machine runs no systemd, so the check boots one: systemd-nspawn runs the
-# host's own OS on a throwaway overlay (tmpfs over /, in a private mount namespace),
-# and a oneshot unit in it runs CONTAINER_CHECK, which does `make install` from this
-# checkout, then uses the daemon as an operator would. Results come back as
-# key=value facts.
+# This machine runs no systemd, so the check boots one (tests/nspawn.py): a oneshot
+# unit runs CONTAINER_CHECK, which does `make install` from this checkout, then uses
+# the daemon as an operator would. Results come back as key=value facts.
 
 CONTAINER_CHECK = r"""#!/bin/sh
 exec >/.damond-results/log 2>&1
@@ -596,7 +606,8 @@ setpriv --reuid=nobody --regid=nogroup --clear-groups sleep 600 & cfgtarget=$!
 fact cfgtarget $cfgtarget
 mkdir -p /etc/damond
 printf '{"kdamonds": [{"contexts": [{"ops": "vaddr", "targets": [{"pid": %s}],
-  "intervals": {"aggr_us": "200 ms"}, "access_check": "clear_refs"}]}]}\n' \
+  "intervals": {"aggr_us": "200 ms"}, "access_check": "clear_refs",
+  "schemes": [{"action": "stat"}]}]}]}\n' \
   $cfgtarget > /etc/damond/kdamonds.json
 systemctl reload damond.service
 await "type='signal',sender='org.damond1',path='$C',member='PropertiesChanged'" \
@@ -612,21 +623,27 @@ exporter=$(systemctl show damond-exporter.service -p MainPID --value)
 fact exporter_user "$(getent passwd "$(awk '$1 == "Uid:" { print $2 }' /proc/$exporter/status)")"
 fact exporter_groups "$(awk '$1 == "Groups:" { $1 = ""; print }' /proc/$exporter/status)"
 fact damond_gid "$(getent group damond | cut -d: -f3)"
-fact metrics "$(/usr/bin/python3 - $cfgtarget <<'PY'
+# metric PREFIX WANT MIN: the first line of /metrics that starts with PREFIX, holds
+# WANT and has a value of at least MIN, within 60 s
+metric() { /usr/bin/python3 - "$@" <<'PY'
 import sys, time, urllib.request
-want = f'pid="{sys.argv[1]}"'
+prefix, want, least = sys.argv[1], sys.argv[2], float(sys.argv[3])
 for _ in range(60):  # the exporter needs its first snapshot of the new pid
     try:
         text = urllib.request.urlopen("http://127.0.0.1:9433/metrics", timeout=5).read().decode()
     except OSError:
         text = ""
-    lines = [l for l in text.splitlines() if l.startswith("damond_wss_bytes{") and want in l]
+    lines = [l for l in text.splitlines()
+             if l.startswith(prefix) and want in l and float(l.rsplit(" ", 1)[1]) >= least]
     if lines:
         print(lines[0])
         break
     time.sleep(1)
 PY
-)"
+}
+fact metrics "$(metric 'damond_wss_bytes{' "pid=\"$cfgtarget\"" 0)"
+# scheme stats: read through org.damond1.Readers (the group gets no PropertiesChanged)
+fact scheme_metric "$(metric 'damond_scheme_tried_regions_total{' 'action="stat"' 1)"
 fact exporter_log "$(journalctl -u damond-exporter.service -o cat | tail -n 8 | tr '\n' '|')"
 
 systemctl stop damond-exporter.service
@@ -667,42 +684,11 @@ fact leftovers "$(ls -d /usr/local/bin/damond /usr/local/lib/damond /usr/local/b
     /usr/local/bin/damond-exporter /usr/local/lib/systemd/system/damond-exporter.service \
     /usr/local/lib/systemd/system/damond.service /usr/local/share/doc/damond \
     /usr/local/share/dbus-1/system-services/org.damond1.service \
+    /usr/local/share/dbus-1/system-services/org.damond1.Readers.service \
+    /usr/local/share/dbus-1/system-services/org.damond1.Public.service \
     /etc/dbus-1/system.d/org.damond1.conf 2>/dev/null | wc -l)"
 fact done yes
 """
-
-CHECK_UNIT = """[Unit]
-Description=damond packaging check
-After=basic.target
-SuccessAction=poweroff-force
-FailureAction=poweroff-force
-[Service]
-Type=oneshot
-Environment=REPO={repo}
-ExecStart=/.damond-check/check.sh
-"""
-
-CHECK_TARGET = """[Unit]
-Description=damond packaging check
-Requires=basic.target damond-check.service
-After=basic.target
-"""
-
-# The check's own files sit at dot-paths no checkout can live under (CI clones
-# to /check/...: a bind at /check hid the repository).
-BOOT = """set -eu
-mount -t tmpfs tmpfs "$BASE/overlay"
-mkdir "$BASE/overlay/upper" "$BASE/overlay/work" "$BASE/overlay/root"
-mount -t overlay overlay \
-    -o "lowerdir=/,upperdir=$BASE/overlay/upper,workdir=$BASE/overlay/work" "$BASE/overlay/root"
-cp "$BASE/check/damond-check.service" "$BASE/check/damond-check.target" \
-    "$BASE/overlay/root/etc/systemd/system/"
-exec systemd-nspawn --quiet -D "$BASE/overlay/root" --register=no --keep-unit \
-    --uuid="$(tr -d - < /proc/sys/kernel/random/uuid)" --link-journal=no \
-    --bind="$REPO" --bind="$BASE/results:/.damond-results" --bind-ro="$BASE/check:/.damond-check" \
-    --console=pipe -b systemd.unit=damond-check.target
-"""
-
 
 @dataclass
 class Booted:
@@ -718,22 +704,7 @@ class Booted:
 def under_systemd(tmp_path_factory: pytest.TempPathFactory) -> Booted:
     subprocess.run([str(REPO / "scripts" / "ensure-apt"), "systemd-container"], check=True)
     base = tmp_path_factory.mktemp("systemd")
-    for sub in ("overlay", "results", "check"):
-        (base / sub).mkdir()
-    script = base / "check" / "check.sh"
-    script.write_text(CONTAINER_CHECK)
-    script.chmod(0o755)
-    (base / "check" / "damond-check.service").write_text(CHECK_UNIT.format(repo=REPO))
-    (base / "check" / "damond-check.target").write_text(CHECK_TARGET)
-    # A private mount namespace: the overlay vanishes with the container.
-    boot = subprocess.run(
-        ["unshare", "--mount", "--propagation=private", "sh", "-c", BOOT],
-        env={**os.environ, "BASE": str(base), "REPO": str(REPO)},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=MAKE_TIMEOUT,
-    )
+    boot = nspawn.boot(base, REPO, CONTAINER_CHECK, "packaging check", MAKE_TIMEOUT)
     results = base / "results"
     log = "\n".join(
         f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(results.iterdir())
@@ -818,6 +789,10 @@ def test_the_exporter_serves_metrics_as_an_unprivileged_member_of_damond(
     metric = under_systemd["metrics"]
     assert metric.startswith("damond_wss_bytes{"), under_systemd.log
     assert 'comm="sleep"' in metric and f'pid="{under_systemd["cfgtarget"]}"' in metric
+    # counters that grow, though only root receives the daemon's PropertiesChanged
+    scheme = under_systemd["scheme_metric"]
+    assert scheme.startswith("damond_scheme_tried_regions_total{"), under_systemd.log
+    assert 'action="stat"' in scheme, scheme
 
 
 def test_stop_exits_cleanly_and_uninstall_removes_the_service(under_systemd: Booted) -> None:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import ROOT, Damond, start_damond, stop_process
-from dbus_fast.aio import MessageBus
+from conftest import ROOT, Damond, NotifySocket, notified_damond
 
 from damond import service
 from damond.monitor.ops import kernel_damon
@@ -29,45 +27,13 @@ K0 = f"{ROOT}/kdamonds/0"
 C0 = f"{K0}/contexts/0"
 
 
-class NotifySocket:
-    """What systemd would receive: (monotonic arrival time, message) pairs."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
-        self.path = path
-
-    async def next(self, timeout: float = 10.0) -> tuple[float, str]:
-        loop = asyncio.get_running_loop()
-        data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout)
-        return loop.time(), data.decode()
-
-    async def until(self, predicate: Any, timeout: float = 10.0) -> tuple[float, str]:
-        while True:
-            arrived, message = await self.next(timeout)
-            if predicate(message):
-                return arrived, message
-
-
 @pytest.fixture
 async def notified(
     private_bus: PrivateBus, tmp_path: Any
 ) -> AsyncIterator[tuple[Damond, NotifySocket]]:
-    notify = NotifySocket(str(tmp_path / "notify"))
-    client = await MessageBus(bus_address=private_bus.address).connect()
-    env = {
-        "NOTIFY_SOCKET": notify.path,
-        "WATCHDOG_USEC": str(WATCHDOG_USEC),
-        "DAMOND_FAULT_STALL_S": str(STALL_S),
-    }
-    daemon = await start_damond(private_bus, client, tmp_path, env=env)
-    try:
-        yield daemon, notify
-    finally:
-        stop_process(daemon.process)
-        client.disconnect()
-        notify.sock.close()
+    stall = {"DAMOND_FAULT_STALL_S": str(STALL_S)}
+    async with notified_damond(private_bus, tmp_path, WATCHDOG_USEC, **stall) as served:
+        yield served
 
 
 async def test_ready_after_the_name_is_owned_then_status(

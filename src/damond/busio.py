@@ -54,6 +54,54 @@ def queued_messages(bus: MessageBus) -> int:
     return len(writer.messages) + (writer.buf is not None)
 
 
+def unsent_bytes(bus: MessageBus, enough: int) -> int:
+    """Bytes accepted by send() that have not reached the socket yet, counted up to
+    `enough` at least (the count stops early past it: the writer's queue may be long)."""
+    writer = bus._writer
+    if writer is None:
+        return 0
+    total = len(writer.buf) - writer.offset if writer.buf is not None else 0
+    for buf, _, _ in writer.messages:
+        if total > enough:
+            break
+        total += len(buf)
+    return total
+
+
+class ReadGate:
+    """Stops and restarts reading a connection (backpressure).
+
+    While stopped, what peers send to this connection waits in the kernel's
+    socket buffer and then in the bus daemon, charged to those peers, not to
+    the daemon's memory. dbus-fast keeps its reader callback only in the event
+    loop's selector: it is taken from there, so that the partly read message in
+    its buffer is kept across a pause.
+    """
+
+    def __init__(self, bus: MessageBus) -> None:
+        loop = bus._loop
+        fd = bus._fd
+        selector = getattr(loop, "_selector", None)
+        if selector is None or fd is None:
+            raise RuntimeError("ReadGate needs a connected bus on a selector event loop")
+        reader = selector.get_key(fd).data[0]
+        self._loop = loop
+        self._fd = fd
+        self._callback = reader._callback
+        self._args = reader._args
+        self.stopped = False
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self._loop.remove_reader(self._fd)
+
+    def resume(self) -> None:
+        if self.stopped:
+            self.stopped = False
+            self._loop.add_reader(self._fd, self._callback, *self._args)
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()  # a send error means disconnection, handled elsewhere

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -14,11 +15,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
+from dbus_fast import BusType, DBusError, RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from damond import configfile, service
-from damond.bus import BUS_NAME, ROOT_PATH, BusAdapter
+from damond.bus import BUS_NAME, NAMES, ROOT_PATH, BusAdapter, Name, own_name
 from damond.hierarchy import Tree
 from damond.monitor import backends, ops
 from damond.monitor.backends import Backends, Monitor
@@ -178,13 +179,13 @@ async def _connect(spec: str) -> MessageBus:
         raise Fatal(f"cannot connect to the {spec} bus: {e}") from None
 
 
-async def _own_name(bus: MessageBus) -> None:
+async def _own_name(bus: MessageBus, name: Name) -> None:
     try:
-        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        reply = await own_name(bus, name)
     except DBusError as e:
-        raise Fatal(f"not allowed to own {BUS_NAME} on this bus: {e.text}") from None
+        raise Fatal(f"not allowed to own {name.name} on this bus: {e.text}") from None
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        raise Fatal(f"{BUS_NAME} is already owned on this bus (is another damond running?)")
+        raise Fatal(f"{name.name} is already owned on this bus (is another damond running?)")
 
 
 class Daemon:
@@ -294,17 +295,19 @@ class Daemon:
 
     async def _serve(self, stop: asyncio.Event, spec: str, status: service.ServiceStatus) -> int:
         loop = asyncio.get_running_loop()
-        bus = await _connect(spec)
-        adapter = BusAdapter(bus, self.tree)
-        adapter.attach()  # objects answer before the name is visible
+        # one connection per name: what one class of peers leaves unread pins only its own
+        buses = {name: await _connect(spec) for name in NAMES}
+        adapter = BusAdapter(buses, self.tree, lambda: _connect(spec))
+        adapter.attach()  # objects answer before the names are visible
         self.tree.listeners.append(status)
         unclaimed = self.kernel.claim_now()  # before the file: its kdamonds may want it
-        # before the name too: whoever sees org.damond1 sees the file applied
+        # before the names too: whoever sees org.damond1 sees the file applied
         status.config_problem = self.apply_config()
         try:
-            await _own_name(bus)
+            for name in NAMES:  # org.damond1 last (NAMES says why)
+                await _own_name(buses[name], name)
         except Fatal:
-            await self.shutdown("not serving: the name is not ours")
+            await self.shutdown("not serving: the names are not ours")
             raise
         log.info("serving %s on %s (pid %d)", BUS_NAME, spec, os.getpid())
         self._say_kernel_backend(unclaimed)
@@ -321,22 +324,36 @@ class Daemon:
 
             faults.install_stall(loop)
         stopped = asyncio.ensure_future(stop.wait())
-        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
-        await asyncio.wait([stopped, disconnected], return_when=asyncio.FIRST_COMPLETED)
+        lost = asyncio.ensure_future(adapter.wait_lost())
+        await asyncio.wait([stopped, lost], return_when=asyncio.FIRST_COMPLETED)
         service.notify("STOPPING=1")
         if pinger is not None:
             pinger.cancel()
-        if disconnected.done():
+        if lost.done():
             stopped.cancel()
-            error = disconnected.exception() if not disconnected.cancelled() else None
+            adapter.detach()
             await self.shutdown("lost the bus connection")
-            raise Fatal(f"lost the connection to the bus{f': {error}' if error else ''}")
-        disconnected.cancel()
+            raise Fatal(f"lost the connection to the bus: {disconnect_reason(lost.result())}")
+        lost.cancel()
         log.info("stopping on signal")
         await self.shutdown("daemon stopping")
         adapter.detach()
-        bus.disconnect()
+        for face in adapter.faces.values():
+            face.bus.disconnect()
         return 0
+
+
+def disconnect_reason(error: BaseException | None) -> str:
+    """What ended a bus connection, in words: the exception dbus-fast ended it with often
+    has no text (EOFError() when the bus closed the socket)."""
+    if error is None:
+        return "the bus closed it"
+    if isinstance(error, EOFError):
+        return "the bus closed the socket (end of file)"
+    if isinstance(error, OSError) and error.errno is not None:
+        name = errno.errorcode.get(error.errno, str(error.errno))
+        return f"{error.strerror or os.strerror(error.errno)} ({name})"
+    return str(error) or type(error).__name__
 
 
 def _quiet_after_disconnect(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

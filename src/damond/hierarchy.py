@@ -173,6 +173,7 @@ class TreeListener(Protocol):
 
 
 N = TypeVar("N", bound="Node")
+T = TypeVar("T")
 
 
 class Collection(Generic[N]):
@@ -760,10 +761,11 @@ class Context(Node):
             raise ops.Unsupported(f"{backend.name} backend: {operations} is not available")
         return backend
 
-    def _checked(self, validate: Callable[[], Any]) -> None:
-        """Run one of the core's validations, its error named after this tree's object."""
+    def _checked(self, validate: Callable[[], T]) -> T:
+        """Run one of the core's validations (or what may refuse like one: a monitor
+        pinning the targets), its error named after this tree's object."""
         try:
-            validate()
+            return validate()
         except ConfigError as e:
             where = f"{self.path}/{e.where}" if e.where else self.path
             raise InvalidArgument(where, e.rule) from None
@@ -848,10 +850,9 @@ class Kdamond(Node):
             if self.monitor is monitor:
                 self.turn_off(reason)
 
-        try:
-            monitor = self.tree.monitor_factory(self.name, config, on_snapshot, on_stop)
-        except ops.KernelRefused as e:  # the kernel's own DAMON said no; it is left off
-            raise _kernel_error(e.errno)(self.path, str(e)) from None
+        monitor = self._accepted(
+            context, lambda: self.tree.monitor_factory(self.name, config, on_snapshot, on_stop)
+        )
         self.monitor = monitor
         self.running_config = config
         context.latest = None
@@ -903,9 +904,19 @@ class Kdamond(Node):
         if self.monitor is None:
             raise InvalidArgument(self.path, "commit needs the kdamond to be on (state is off)")
         config = self.check()
-        self.monitor.commit(config)
+        monitor = self.monitor
+        self._accepted(self._context(), lambda: monitor.commit(config))  # new pids pinned now
         self.running_config = config
         log.info("%s commit", self.path, extra={"KDAMOND": self.name})
+
+    def _accepted(self, context: Context, accept: Callable[[], T]) -> T:
+        """A monitor accepting a config (starting, or taking a commit): it may still refuse,
+        as the kernel's own DAMON does (KernelRefused), or because a target cannot be
+        pinned (ConfigError, named after the target's object); then nothing changed."""
+        try:
+            return context._checked(accept)
+        except ops.KernelRefused as e:  # the kernel's own DAMON said no; it is left off
+            raise _kernel_error(e.errno)(self.path, str(e)) from None
 
 
 KERNEL_ERRORS: dict[int, type[DamondError]] = {

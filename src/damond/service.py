@@ -80,7 +80,12 @@ def watchdog_interval() -> float | None:
 
 
 async def watchdog(interval: float) -> None:
-    """WATCHDOG=1 from the event loop itself: a stuck loop stops the pings."""
+    """WATCHDOG=1 from the event loop itself: a stuck loop stops the pings.
+
+    Nothing a client sends stands in line before it: bus.py answers requests
+    from per-caller queues for at most a couple of ms per turn of the loop, so
+    a timer is late by one short turn at most, whatever readers ask for.
+    """
     while True:
         notify("WATCHDOG=1")
         await asyncio.sleep(interval)

@@ -22,7 +22,11 @@ itself; it records what it saw (or its traceback) for the host-side test:
   kdamond (a stat scheme that matched nothing starts trying regions, which
   come back over D-Bus), the effective quota is read back, and a scheme the
   kernel cannot do (an anon filter on vaddr) is refused at `on` before
-  anything is written.
+  anything is written;
+- commit_reuse: a commit names a new target, which dies and whose pid goes to
+  another process before the kernel takes the commit (at its next
+  aggregation): damond pinned the pid when it accepted the commit, so the
+  newcomer is never monitored; the kdamond turns off saying why.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ import kernel_damon  # tests/vm/kernel_damon.py
 import scenarios  # tests/vm/scenarios.py
 from dbus_fast import DBusError
 from guest_json import outside_guest, write_report  # tests/vm/guest_json.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pidreuse import PidGiver, Reused  # noqa: E402  (tests/pidreuse.py)
 
 from damond.monitor.ops.damon_claim import RECORD, RUN_DIR
 
@@ -378,11 +385,68 @@ async def check_schemes(workdir: Path, sleeper: int) -> dict[str, Any]:
     return out
 
 
+AGGR_US = 2_000_000
+"""commit_reuse's aggregation: room to kill a target and reuse its pid before the kernel
+takes the commit (at the end of the aggregation under way)."""
+
+
+async def check_commit_reuse(workdir: Path, sleeper: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    a = subprocess.Popen(["sleep", "600"])
+    giver = PidGiver()  # ahead: b must come right after a's death
+    b: Reused | None = None
+    record: dict[str, Any] = {}
+    try:
+        async with scenarios.running_daemon(workdir, record, args=()) as d:
+            await context(d, sleeper, "kernel")
+            await d.set(C0, "org.damond1.Intervals", "sample_us", "t", 100_000)
+            await d.set(C0, "org.damond1.Intervals", "aggr_us", "t", AGGR_US)
+            snapshots = await d.snapshots()
+            await scenarios.state(d, "on")
+            await asyncio.wait_for(snapshots.get(), scenarios.SNAPSHOT_TIMEOUT_S)
+            # just after an aggregation: the kernel takes the commit at the next one
+            await d.set(T0, "org.damond1.Target", "pid", "i", a.pid)
+            await scenarios.state(d, "commit")
+            pid = a.pid
+            b = giver.give(a)
+            out["reused"] = b.pid == pid
+            out["before_effect"] = snapshots.empty()  # no aggregation ended since the commit
+            # until the kdamond turns off, or three aggregations ended after the commit
+            got: list[Any] = []
+            state = "on"
+            deadline = time.monotonic() + 4 * AGGR_US / 1e6 + 10
+            while state == "on" and len(got) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                while not snapshots.empty():
+                    got.append(snapshots.get_nowait().body)
+                state = await d.get(K0, "org.damond1.Kdamond", "state")
+            out["state_after"] = state
+            out["snapshots_after"] = [body[0] for body in got]
+            out["snapshots_naming_b"] = [
+                body[0] for body in got if any(t[1] == pid and t[2] for t in body[3])
+            ]
+            out["b_alive"] = b.alive()
+            log = d.log()
+        out["reason_in_log"] = "exited between the commit and the kernel taking it" in log
+        out["traceback"] = "Traceback" in log
+        out["exit_code"] = record.get("daemon_exit_code")
+        out["nr_after_exit"] = nr_kdamonds()
+    finally:
+        giver.close()
+        if b is not None:
+            b.kill()
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    return out
+
+
 CHECKS: dict[str, Callable[[Path, int], Awaitable[dict[str, Any]]]] = {
     "in_use": check_in_use,
     "recovery": check_recovery,
     "refusals": check_refusals,
     "schemes": check_schemes,
+    "commit_reuse": check_commit_reuse,
 }
 
 

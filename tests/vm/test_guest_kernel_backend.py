@@ -5,7 +5,9 @@ One guest boot (1 vCPU) runs, with tracefs mounted where systemd mounts it:
 - kernel_backend_checks.py: the claim rules (a tree another tool configured
   is never touched and `auto` falls back; a SIGKILLed damond's pool is taken
   back by the next one; a clean exit writes nr_kdamonds 0; kernel refusals
-  leave everything off and name the errno);
+  leave everything off and name the errno), and a commit's pid pinned at
+  acceptance (a target that dies before the kernel takes the commit, its pid
+  given to another process, is never monitored);
 - the D-Bus suite's snapshot, commit and self-off tests, the error tests
   that can reach the kernel, and the DAMOS tests that make sense on the
   kernel's own schemes (their rules and refusals, stats read back and
@@ -207,3 +209,24 @@ def test_what_the_kernel_cannot_do_is_refused_before_anything_is_written(
     assert error == "org.damond1.Error.NotSupported", text
     assert "/org/damond1/kdamonds/0/contexts/0/schemes/1/filters/0: anon filter" in text, text
     assert seen["anon_unchanged"]
+
+
+def test_a_pid_reused_before_the_kernel_takes_a_commit_is_never_monitored(
+    in_guest: dict[str, Any],
+) -> None:
+    """damond accepts a commit before the kernel takes it (at its next aggregation):
+    the new target's pid is pinned at acceptance, and when that process has died by
+    the time the kernel resolved the number, the kdamond turns off instead of
+    monitoring (or acting on) the process that took the number."""
+    seen = check(in_guest, "commit_reuse")
+    assert seen["reused"] and seen["before_effect"], seen
+    assert seen["state_after"] == "off", seen
+    assert seen["reason_in_log"], seen
+    # The kernel takes a commit in its after_aggregation step, before it traces that
+    # aggregation (mm/damon/core.c, kdamond_fn): that one is reported under the new
+    # targets, with the counts of the old. Whatever comes after would be the newcomer's
+    # memory; the kdamond is off by then.
+    assert set(seen["snapshots_naming_b"]) <= set(seen["snapshots_after"][:1]), seen
+    assert seen["b_alive"], seen
+    assert seen["exit_code"] == 0 and not seen["traceback"], seen
+    assert seen["nr_after_exit"] == 0, seen

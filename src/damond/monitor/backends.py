@@ -49,7 +49,12 @@ class Monitor(Protocol):
 MonitorFactory = Callable[
     [str, ContextConfig, Callable[[Snapshot], None], Callable[[str], None]], Monitor
 ]
-"""(kdamond name, config, on_snapshot, on_stop(reason)) → a started Monitor."""
+"""(kdamond name, config, on_snapshot, on_stop(reason)) → a started Monitor.
+
+The factory and Monitor.commit pin the config's target pids before they return
+(a pid that dies and is reused afterwards is not adopted), and may refuse a
+config with ConfigError (a target that cannot be pinned) or ops.KernelRefused
+(the kernel's own DAMON said no); then nothing started or changed."""
 
 
 @dataclass(frozen=True)

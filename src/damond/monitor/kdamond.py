@@ -30,8 +30,9 @@ from damond.monitor import ops
 from damond.monitor.config import ContextConfig
 from damond.monitor.engine import Engine
 from damond.monitor.ops import AccessCheck, AddressSpace
-from damond.monitor.ops.process import ProcessTable
+from damond.monitor.ops.process import ProcessTable, TargetProcess
 from damond.monitor.pacing import Effective, Pacer
+from damond.monitor.pins import pin_targets
 from damond.monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,11 @@ OpsWrapper = Callable[[str, AddressSpace, AccessCheck], tuple[AddressSpace, Acce
 
 
 class KdamondTask:
-    """One running kdamond: started on creation, stopped by stop() or by itself."""
+    """One running kdamond: started on creation, stopped by stop() or by itself.
+
+    Target pids are pinned when a configuration is accepted (here and in
+    commit(), on the event loop), then handed to the worker with it.
+    """
 
     def __init__(
         self,
@@ -64,9 +69,18 @@ class KdamondTask:
         self._wrap_ops = wrap_ops
         self._on_snapshot = on_snapshot
         self._on_stop = on_stop
+        self._processes = ProcessTable()
+        """Shared by the engine's space and access check: one pin per pid. The worker's
+        alone once it runs; new pins reach it with their config (_Handover)."""
+        self._processes.adopt(pin_targets(config, set()))  # ConfigError: nothing started
+        self._accepted_pids = {t.pid for t in config.targets}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdamond.{name}")
         self._config = config
         """The latest config from on/commit; the worker hands it to the engine."""
+        self._handover_lock = threading.Lock()
+        self._handovers: list[dict[int, TargetProcess]] = []
+        """Pins of commits the worker has not taken yet (oldest first)."""
+        self._worker_done = False
         self._stopping = threading.Event()
         self._gate = threading.Lock()
         """Held until stopping: the worker sleeps by acquiring it with a timeout, one C
@@ -97,8 +111,23 @@ class KdamondTask:
                 self._gate.release()
 
     def commit(self, config: ContextConfig) -> None:
-        """Hand a new config to the engine, which applies it at the next aggregation."""
-        self._config = config  # the worker picks it up before its next sample
+        """Hand a new config to the engine, which applies it at the next aggregation.
+
+        New pids are pinned now (ConfigError, and nothing changes, when one
+        cannot be); pids of the previous config keep their pins, as the kernel
+        keeps a target's struct pid when its number did not change.
+        """
+        pins = pin_targets(config, self._accepted_pids)
+        with self._handover_lock:
+            late = self._worker_done
+            if not late:
+                self._handovers.append(pins)
+                self._config = config  # the worker picks both up before its next sample
+        if late:  # the worker has ended: nobody will take these
+            for proc in pins.values():
+                proc.close()
+            return
+        self._accepted_pids = {t.pid for t in config.targets}
 
     def done(self) -> bool:
         return self._task.done()
@@ -129,19 +158,32 @@ class KdamondTask:
 
     def _work(self) -> str:
         """On the worker: build, start and run the engine; always release its files."""
-        processes = ProcessTable()  # shared by space and access check: one pin per pid
+        processes = self._processes
         engine: Engine | None = None
         try:
-            engine = _engine_for(
-                self.name, self._config, processes, self._registry, self._wrap_ops
-            )
-            handed = self._config
+            handed = self._take_config(processes)
+            engine = _engine_for(self.name, handed, processes, self._registry, self._wrap_ops)
             engine.start()
             return self._sample_loop(engine, handed, processes)
         finally:
             if engine is not None:
                 engine.close()
+            with self._handover_lock:
+                self._worker_done = True
+                untaken, self._handovers = self._handovers, []
+            for pins in untaken:
+                for proc in pins.values():
+                    proc.close()
             processes.close()
+
+    def _take_config(self, processes: ProcessTable) -> ContextConfig:
+        """On the worker: the latest config, its commits' pins adopted into the table."""
+        with self._handover_lock:
+            config = self._config
+            handovers, self._handovers = self._handovers, []
+        for pins in handovers:
+            processes.adopt(pins)
+        return config
 
     def _sample_loop(self, engine: Engine, handed: ContextConfig, processes: ProcessTable) -> str:
         """prepare, sleep, check: as kdamond_fn.
@@ -159,10 +201,9 @@ class KdamondTask:
         engine.prepare()
         pacer.sampled()
         while not engine.done:
-            config = self._config
-            if config is not handed:
-                engine.commit(config)
-                handed = config
+            if self._config is not handed:
+                handed = self._take_config(processes)
+                engine.commit(handed)
             pause = engine.activation_wait_us()
             if pause:  # the watermarks have every scheme off: no sampling, as the kernel
                 paused = time.monotonic_ns()

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from damond.monitor.config import ContextConfig, FilterConfig
+from damond.monitor.config import ConfigError, ContextConfig, FilterConfig
 from damond.monitor.kernel_relay import Aggregation, Aggregations, Relay
 from damond.monitor.kernel_schemes import STATS_INTERVAL_S, KernelSchemes
 from damond.monitor.ops.base import KernelRefused, Operations
@@ -53,6 +53,8 @@ from damond.monitor.ops.damon_trace import (
     TraceInstance,
 )
 from damond.monitor.ops.damon_trace import probe as probe_tracefs
+from damond.monitor.ops.process import TargetProcess
+from damond.monitor.pins import pin_targets
 from damond.monitor.snapshot import Snapshot, TargetSnapshot
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,21 @@ def _target_snapshot(index: int, pid: int, regions: Records) -> TargetSnapshot:
     )
 
 
+def _close(pins: dict[int, TargetProcess]) -> None:
+    for proc in pins.values():
+        proc.close()
+
+
+def _lost_before_taken(config: ContextConfig, pins: dict[int, TargetProcess]) -> int | None:
+    """Once the kernel has taken config's pids: the index of a target whose newly pinned
+    process has exited since (the kernel may have resolved its number to another's)."""
+    for target in config.targets:
+        proc = pins.get(target.pid)
+        if proc is not None and not proc.alive():
+            return target.index
+    return None
+
+
 def _pidfd(pid: int) -> int | None:
     """A pidfd of pid; None when it has already exited."""
     try:
@@ -225,6 +242,14 @@ class KernelMonitor:
     Everything happens on the event loop (the relay calls it there), except a
     commit: the kernel's `commit` write blocks until the kdamond has taken the
     files, up to an aggregation and more, so it runs on a worker thread.
+
+    The kernel resolves target pids when it takes `on` (at once) or a commit
+    (at its next aggregation), but damond accepts them before: so new pids are
+    pinned at acceptance (pins.py), and once the kernel has taken them each
+    pinned process must still live; else the number the kernel resolved may
+    have been another process's, and the kdamond is refused (`on`) or ended
+    (commit) rather than monitor, or act on, a stranger. Target exits are
+    watched through the same pins.
     """
 
     def __init__(
@@ -243,11 +268,22 @@ class KernelMonitor:
         self._stopped = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kdamond.{name}")
         turned_on = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the trace clock
-        self._kdamond = self._turn_on(config)
+        pins = pin_targets(config, set())  # ConfigError: nothing taken
+        try:
+            self._kdamond = self._turn_on(config)
+        except KernelRefused:
+            _close(pins)
+            raise
         try:
             self.pid = self._kdamond.pid()
-        except KernelRefused:
+            index = _lost_before_taken(config, pins)
+            if index is not None:
+                raise ConfigError(
+                    f"targets/{index}", "exited while the kernel's DAMON took its pid"
+                )
+        except (KernelRefused, ConfigError):
             self._release()
+            _close(pins)
             raise
         self._epochs: list[tuple[int, ContextConfig]] = [(0, config)]
         """(trace clock ns from which it applies, config): commits, in order."""
@@ -262,9 +298,10 @@ class KernelMonitor:
         self._last_ts = 0
         self._lost = False
         self._gone: set[int] = set()
-        """Indices of targets whose process has exited."""
-        self._pidfds: dict[int, tuple[int, int | None]] = {}
-        """Target index -> (pid, pidfd of its process; None when it had exited)."""
+        """Pids of targets whose process has exited."""
+        self._pins: dict[int, TargetProcess] = {}
+        """Pid -> the process pinned when a config naming it was accepted."""
+        self._accepted_pids = {t.pid for t in config.targets}
         relay = kernel.relay()
         relay.watch(self.pid, self, since=turned_on)
         self._kthread = _pidfd(self.pid)
@@ -272,7 +309,7 @@ class KernelMonitor:
             self._loop.call_soon(self._end, self._why_stopped())
         else:
             relay.add_fd(self._kthread, lambda: self._end(self._why_stopped()))
-        self._watch_targets(config)
+        self._watch_targets(config, pins)
 
     def _turn_on(self, config: ContextConfig) -> KdamondDir:
         """A kdamond of the pool, written and on; on any refusal it is left off and given back."""
@@ -305,18 +342,24 @@ class KernelMonitor:
         self._stopped = True
         relay = self._kernel.relay()
         relay.unwatch(self.pid)
-        for fd in [self._kthread, *(fd for _, fd in self._pidfds.values())]:
-            if fd is not None:
-                relay.remove_fd(fd)
-                os.close(fd)
-        self._pidfds.clear()
+        if self._kthread is not None:
+            relay.remove_fd(self._kthread)
+            os.close(self._kthread)
+        for proc in self._pins.values():
+            relay.remove_fd(proc.pidfd)
+        _close(self._pins)
+        self._pins = {}
         self._release()
 
     def commit(self, config: ContextConfig) -> None:
-        """Stage the new files and commit them on the worker: the kernel takes them at its
-        next aggregation, and the write waits for that (in 100 ms steps)."""
-        if not self._stopped:
-            self._worker.submit(self._commit, config)
+        """Pin the new pids now (ConfigError, and nothing changes, when one cannot be),
+        then stage the new files and commit them on the worker: the kernel takes them at
+        its next aggregation, and the write waits for that (in 100 ms steps)."""
+        if self._stopped:
+            return
+        pins = pin_targets(config, self._accepted_pids)
+        self._accepted_pids = {t.pid for t in config.targets}
+        self._worker.submit(self._commit, config, pins)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -336,9 +379,10 @@ class KernelMonitor:
         self._worker.submit(give_back)  # after a commit still in flight
         self._worker.shutdown(wait=False)
 
-    def _commit(self, config: ContextConfig) -> None:
+    def _commit(self, config: ContextConfig, pins: dict[int, TargetProcess]) -> None:
         """On the worker."""
         if self._stopped:
+            _close(pins)
             return
         try:
             self._kdamond.write(config)
@@ -349,40 +393,50 @@ class KernelMonitor:
                 self._committed = True
                 self._kdamond.commit()
         except KernelRefused as e:
+            _close(pins)
             self._from_worker(self._end, f"the kernel refused the commit: {e}")
             return
-        self._from_worker(self._watch_targets, config)
+        index = _lost_before_taken(config, pins)
+        if index is not None:
+            _close(pins)
+            self._from_worker(
+                self._end,
+                f"target {index} exited between the commit and the kernel taking it: the "
+                "pid the kernel resolved may be another process's",
+            )
+            return
+        self._from_worker(self._watch_targets, config, pins)
 
     def _from_worker(self, fn: Callable[..., None], *args: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
             self._loop.call_soon_threadsafe(fn, *args)
 
-    def _watch_targets(self, config: ContextConfig) -> None:
-        """Wait for each target process's exit (its pidfd); after a commit, for the new pids."""
-        if self._stopped or not config.operations.target_has_pid:
+    def _watch_targets(self, config: ContextConfig, pins: dict[int, TargetProcess]) -> None:
+        """Wait for each target process's exit through its pin; after a commit, forget
+        the pins of pids it dropped and watch those it pinned."""
+        if self._stopped:
+            _close(pins)
             return
         relay = self._kernel.relay()
-        for target in config.targets:
-            index = target.index
-            old = self._pidfds.get(index)
-            if old is not None and old[0] == target.pid:
-                continue
-            if old is not None and old[1] is not None:
-                relay.remove_fd(old[1])
-                os.close(old[1])
-            fd = _pidfd(target.pid)
-            self._pidfds[index] = (target.pid, fd)
-            self._gone.discard(index)
-            if fd is None:
-                self._target_exited(index)
+        kept = {t.pid for t in config.targets}
+        for pid in [pid for pid in self._pins if pid not in kept]:
+            proc = self._pins.pop(pid)
+            relay.remove_fd(proc.pidfd)
+            proc.close()
+            self._gone.discard(pid)
+        for pid, proc in pins.items():
+            self._pins[pid] = proc
+            self._gone.discard(pid)
+            if proc.alive():
+                relay.add_fd(proc.pidfd, functools.partial(self._target_exited, pid))
             else:
-                relay.add_fd(fd, functools.partial(self._target_exited, index))
+                self._target_exited(pid)
 
-    def _target_exited(self, index: int) -> None:
+    def _target_exited(self, pid: int) -> None:
         """A target's process exited; once all have, this kdamond stops."""
-        self._gone.add(index)
+        self._gone.add(pid)
         config = self._epochs[-1][1]
-        if {t.index for t in config.targets} <= self._gone:
+        if {t.pid for t in config.targets} <= self._gone:
             self._loop.call_soon(self._end, "every target has exited")
 
     def _why_stopped(self) -> str:
@@ -445,7 +499,7 @@ class KernelMonitor:
             aggr_us = 0  # spans lost aggregations: not one interval
         self._lost = False
         self._last_ts = aggregation.ts
-        pids = {t.index: t.pid for t in config.targets if t.index not in self._gone}
+        pids = {t.index: t.pid for t in config.targets if t.pid not in self._gone}
         targets = tuple(
             _target_snapshot(index, pids[index], regions)
             for index, regions in aggregation.targets

@@ -7,6 +7,7 @@ Replies that are D-Bus errors are raised as dbus_fast.DBusError, whose
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec
 
@@ -14,12 +15,35 @@ from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 BUS_NAME = "org.damond1"
+"""root's name: everything (configure, start, stop)."""
+READERS_NAME = "org.damond1.Readers"
+"""Group damond's name: properties, GetManagedObjects, GetSnapshot, GetTriedRegions."""
+PUBLIC_NAME = "org.damond1.Public"
+"""Everyone's name: properties, Introspect, Peer."""
+SNAPSHOTS_NAME = "org.damond1.Snapshots"
+"""The name Snapshot signals come from (root and group damond receive them)."""
 ROOT = "/org/damond1"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 SNAPSHOT_RULE = (
-    f"type='signal',sender='{BUS_NAME}',interface='org.damond1.Context',member='Snapshot'"
+    f"type='signal',sender='{SNAPSHOTS_NAME}',interface='org.damond1.Context',member='Snapshot'"
 )
-"""Snapshot signals of the daemon: matched on the sending name, so nobody else's count."""
+"""Snapshot signals, from damond only: the bus delivers only what the owner of the
+sender name sent, so nobody else's signal of the same shape reaches the client."""
+
+
+def tree_changes_rule(**fields: str) -> str:
+    """A rule for root's tree-change signals (PropertiesChanged, InterfacesAdded/Removed),
+    from damond only; fields (path, member, interface, arg0, ...) narrow it."""
+    extra = "".join(f",{k}='{v}'" for k, v in fields.items())
+    return f"type='signal',sender='{BUS_NAME}'{extra}"
+
+
+def reader_name() -> str:
+    """The name this process reads through (properties, GetManagedObjects, GetSnapshot,
+    GetTriedRegions): root's own, else group damond's, the only one the policy lets a
+    member read access patterns through. Writes always go to BUS_NAME (root)."""
+    return BUS_NAME if os.geteuid() == 0 else READERS_NAME
+
 
 P = ParamSpec("P")
 
@@ -99,7 +123,9 @@ async def name_has_owner(bus: MessageBus, name: str = BUS_NAME) -> bool:
 
 
 async def get_property(bus: MessageBus, path: str, interface: str, name: str) -> Any:
-    variant = (await call(bus, path, PROPERTIES, "Get", "ss", [interface, name]))[0]
+    variant = (
+        await call(bus, path, PROPERTIES, "Get", "ss", [interface, name], reader_name())
+    )[0]
     return variant.value
 
 
@@ -148,11 +174,18 @@ CONTEXT_INTERFACE = "org.damond1.Context"
 
 async def managed_objects(bus: MessageBus) -> dict[str, dict[str, dict[str, Any]]]:
     """GetManagedObjects with the variants unwrapped: object path → interface → property."""
-    (objects,) = await call(bus, ROOT, OBJECT_MANAGER, "GetManagedObjects")
+    (objects,) = await call(
+        bus, ROOT, OBJECT_MANAGER, "GetManagedObjects", destination=reader_name()
+    )
     return {
         path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
         for path, ifaces in objects.items()
     }
+
+
+async def get_snapshot(bus: MessageBus, context: str) -> list[Any]:
+    """GetSnapshot of a context: its latest Snapshot's body (NoData before the first)."""
+    return await call(bus, context, CONTEXT_INTERFACE, "GetSnapshot", destination=reader_name())
 
 
 def is_snapshot(msg: Message) -> bool:
@@ -233,7 +266,9 @@ async def set_scheme(
 
 async def tried_regions(bus: MessageBus, scheme: str) -> list[tuple[int, int, int, int, int]]:
     """GetTriedRegions of a scheme: (target index, start, end, nr_accesses, age) each."""
-    body = await call(bus, scheme, "org.damond1.Scheme", "GetTriedRegions")
+    body = await call(
+        bus, scheme, "org.damond1.Scheme", "GetTriedRegions", destination=reader_name()
+    )
     return [(r[0], r[1], r[2], r[3], r[4]) for r in body[0]]
 
 

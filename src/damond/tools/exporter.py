@@ -1,10 +1,14 @@
 """damond-exporter: damond's snapshots as Prometheus / OpenMetrics metrics.
 
 A client of the daemon like any other (as a member of group ``damond`` it may
-receive Snapshot signals and read the tree): it follows every running
-context's Snapshot signals, keeps what the latest says, and serves it over
-HTTP with prometheus_client at ``--listen`` (loopback by default). Scrapes
-never reach the daemon: they read what the signals already brought.
+receive Snapshot signals and read the tree through org.damond1.Readers): it
+follows every running context's Snapshot signals, keeps what the latest says,
+and serves it over HTTP with prometheus_client at ``--listen`` (loopback by
+default). The tree (which kdamonds run, scheme stats) it reads with
+GetManagedObjects, which the daemon keeps marshalled: at a scrape when the
+last read is older than REFRESH_MIN_PERIOD_S, and when a Snapshot or the
+daemon's name says it changed. Not from PropertiesChanged: only root receives
+those, and the exporter runs as a member of ``damond``.
 
 Metrics (labels kdamond, context; per target also target, pid, comm):
 ``damond_wss_bytes`` (weighted estimate, see damond.tools.stats),
@@ -26,14 +30,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 from dbus_fast import DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from damond.bus import ROOT_PATH
 from damond.tools import client
 from damond.tools.ctl.common import comm
 from damond.tools.render import SnapshotView, parse
@@ -45,9 +49,10 @@ log = logging.getLogger("damond-exporter")
 DEFAULT_LISTEN = "127.0.0.1:9433"
 QUANTILES = (0.0, 25.0, 50.0, 75.0, 90.0, 99.0, 100.0)
 REFRESH_MIN_PERIOD_S = 1.0
-"""The tree is read again at most this often, after it changed (signals say so)."""
-TREE_RULE = f"type='signal',sender='{client.BUS_NAME}',path_namespace='{ROOT_PATH}'"
-"""PropertiesChanged, InterfacesAdded/Removed: the tree changed, read it again."""
+"""The tree is read again at most this often (the daemon announces scheme stats at
+most once a second too)."""
+SCRAPE_WAIT_S = 5.0
+"""How long a scrape waits for the tree to be read again; then it gets the last one."""
 OWNER_RULE = (
     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
     f"arg0='{client.BUS_NAME}'"
@@ -155,13 +160,17 @@ class State:
 
 
 class Collector:
-    """prometheus_client's custom collector over State: read at each scrape."""
+    """prometheus_client's custom collector over State: read at each scrape, after
+    fresh() (the tree read again when it is old)."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, fresh: Callable[[], None] = lambda: None) -> None:
         self.state = state
+        self.fresh = fresh
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self.fresh()
 
         ctx_labels = ["kdamond", "context"]
         tgt_labels = [*ctx_labels, "target", "pid", "comm"]
@@ -274,7 +283,9 @@ def _scheme_families(schemes: Sequence[tuple[dict[str, str], dict[str, int]]]) -
 
 
 class Follower:
-    """Keeps State up to date from the bus: Snapshot signals, and the tree when it changes."""
+    """Keeps State up to date from the bus: Snapshot signals, and the tree when it may
+    have changed (a scrape after REFRESH_MIN_PERIOD_S, a new context's Snapshot, the
+    daemon's name changing owner)."""
 
     def __init__(self, bus: MessageBus, state: State) -> None:
         self.bus = bus
@@ -284,7 +295,6 @@ class Follower:
 
     async def start(self) -> None:
         await client.subscribe_snapshots(self.bus, self._snapshot)
-        await client.add_match(self.bus, TREE_RULE)
         await client.add_match(self.bus, OWNER_RULE)
         self.bus.add_message_handler(self._changed)
         await self.refresh()
@@ -294,7 +304,7 @@ class Follower:
             self.schedule()
 
     def _changed(self, msg: Message) -> None:
-        if msg.message_type is MessageType.SIGNAL and not client.is_snapshot(msg):
+        if msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged":
             self.schedule()
 
     def schedule(self) -> None:
@@ -307,6 +317,23 @@ class Follower:
     async def _later(self, delay: float) -> None:
         await asyncio.sleep(delay)
         await self.refresh()
+
+    async def fresh(self) -> None:
+        """The tree read again unless it was within REFRESH_MIN_PERIOD_S (a scrape)."""
+        if self._refresh is not None and not self._refresh.done():
+            await asyncio.shield(self._refresh)  # a read is under way: share it
+        elif time.monotonic() - self._last_refresh >= REFRESH_MIN_PERIOD_S:
+            self._refresh = asyncio.ensure_future(self.refresh())
+            await asyncio.shield(self._refresh)
+
+    def fresh_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """fresh(), from the HTTP server's thread: wait up to SCRAPE_WAIT_S for it."""
+        future = asyncio.run_coroutine_threadsafe(self.fresh(), loop)
+        try:
+            future.result(timeout=SCRAPE_WAIT_S)
+        except FutureTimeout:
+            future.cancel()
+            log.warning("the tree took over %g s to read: this scrape has the last", SCRAPE_WAIT_S)
 
     async def refresh(self) -> None:
         self._last_refresh = time.monotonic()
@@ -358,8 +385,6 @@ async def serve(args: argparse.Namespace) -> int:
 
     host, port = _listen(args.listen)
     state = State()
-    registry = CollectorRegistry()
-    registry.register(Collector(state))
     try:
         bus = await client.connect(None if args.bus == "system" else args.bus)
     except Exception as e:  # any failure to connect ends the exporter with one line
@@ -367,6 +392,9 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     follower = Follower(bus, state)
     await follower.start()
+    loop = asyncio.get_running_loop()
+    registry = CollectorRegistry()
+    registry.register(Collector(state, lambda: follower.fresh_from_thread(loop)))
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as e:
@@ -374,7 +402,6 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     log.info("serving /metrics on %s", args.listen)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     lost = asyncio.ensure_future(bus.wait_for_disconnect())

@@ -145,15 +145,20 @@ def start_private_bus(
 
 
 def spawn_daemon(
-    address: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+    address: str,
+    log_path: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start `python -m damond` on a bus, its stderr going to log_path.
 
-    env adds to (does not replace) this process's environment.
+    env adds to (does not replace) this process's environment; wrapper is a
+    command that runs it (e.g. setpriv with fewer capabilities).
     """
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "damond", "--bus", address, *extra],
+            [*wrapper, sys.executable, "-m", "damond", "--bus", address, *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,

@@ -40,25 +40,34 @@ def _pidfd_open(pid: int) -> int:
         raise
 
 
+PF_KTHREAD = 0x00200000
+"""The flags word of /proc/PID/stat (include/linux/sched.h): a kernel thread."""
+
+
 def process_problem(pid: int) -> str:
-    """Why pid cannot be a monitoring target now, or '' when it can (a live process)."""
-    if pid <= 0 or not _is_live(pid):
+    """Why pid cannot be a monitoring target now, or '' when it can.
+
+    A target is a live process (not a zombie) with user memory that this
+    daemon may read: a kernel thread has none, and a process whose maps the
+    kernel will not show us (no CAP_SYS_PTRACE over it) cannot be sampled;
+    either would turn the kdamond off at its first sample.
+    """
+    if pid <= 0:
         return f"pid {pid} is not a live process"
-    return ""
-
-
-def _is_live(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has no memory left to monitor
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+        with TargetProcess(pid) as proc:
+            return proc.problem()
+    except TargetGone:
+        return f"pid {pid} is not a live process"
+    except OSError as e:
+        return f"pid {pid} cannot be pinned: {e.strerror or e}"
+
+
+def _state_and_flags(stat: bytes) -> tuple[bytes, int]:
+    """The state letter and flags word of /proc/PID/stat (fields 3 and 9; the name
+    before them may hold spaces and parentheses, hence the last ')')."""
+    fields = stat.rsplit(b")", 1)[1].split()
+    return fields[0], int(fields[6])
 
 
 class TargetProcess:
@@ -78,6 +87,8 @@ class TargetProcess:
             raise TargetGone(pid, "is not a valid pid")
         self.pid = pid
         self._files: dict[tuple[str, int], int] = {}
+        self._dirfd = -1
+        self._pidfd = -1
         try:
             self._pidfd = _pidfd_open(pid)
         except OSError as e:
@@ -87,8 +98,12 @@ class TargetProcess:
         try:
             self._dirfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            os.close(self._pidfd)
-            raise TargetGone(pid, "has no /proc entry") from e
+            # close() forgets the number too: closed but remembered, __del__ would
+            # close it again, by then maybe another thread's newly opened fd
+            self.close()
+            if e.errno in _GONE_ERRNOS:
+                raise TargetGone(pid, "has no /proc entry") from e
+            raise
         if not self.alive():
             self.close()
             raise TargetGone(pid)
@@ -100,6 +115,24 @@ class TargetProcess:
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
         return not poller.poll(0)
+
+    def problem(self) -> str:
+        """Why this process cannot be monitored, or '' (see process_problem)."""
+        try:
+            stat = self.read("stat")
+            state, flags = _state_and_flags(stat)
+            if state == b"Z" or not self.alive():
+                return f"pid {self.pid} is not a live process"
+            if flags & PF_KTHREAD:
+                name = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode(errors="replace")
+                return f"pid {self.pid} is a kernel thread ({name}): it has no user memory"
+            if not self.read("maps"):
+                return f"pid {self.pid} has no user address space"
+        except TargetGone:
+            return f"pid {self.pid} is not a live process"
+        except PermissionError as e:
+            return f"pid {self.pid}: cannot read its memory ({e.filename}: {e.strerror})"
+        return ""
 
     @property
     def pidfd(self) -> int:
@@ -152,14 +185,13 @@ class TargetProcess:
 
     def close(self) -> None:
         """Release the pidfd, the directory and every cached file. Idempotent."""
-        for fd in self._files.values():
+        # each number is forgotten before it is closed: a number closed twice may
+        # by then be another thread's fd (another kdamond's pidfd, say)
+        files, self._files = list(self._files.values()), {}
+        fds = [getattr(self, "_dirfd", -1), getattr(self, "_pidfd", -1)]
+        self._dirfd = self._pidfd = -1
+        for fd in files + [fd for fd in fds if fd >= 0]:
             os.close(fd)
-        self._files.clear()
-        for attr in ("_dirfd", "_pidfd"):
-            fd = getattr(self, attr, -1)
-            if fd >= 0:
-                os.close(fd)
-            setattr(self, attr, -1)
 
     def __enter__(self) -> TargetProcess:
         return self
@@ -231,6 +263,15 @@ class ProcessTable:
         if not proc.alive():
             raise TargetGone(pid)
         return proc
+
+    def adopt(self, pins: dict[int, TargetProcess]) -> None:
+        """Take processes pinned elsewhere (at a commit's acceptance); a pin taken later
+        replaces an earlier one of the same number."""
+        for pid, proc in pins.items():
+            old = self._procs.get(pid)
+            if old is not None and old is not proc:
+                old.close()
+            self._procs[pid] = proc
 
     def drop(self, pid: int) -> None:
         """Forget pid (e.g. a commit removed or replaced the target)."""

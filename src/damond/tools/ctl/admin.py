@@ -14,7 +14,6 @@ from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 
 from damond import kdamonds_format as fmt
-from damond.bus import INTERFACES
 from damond.tools import client
 from damond.tools.ctl.common import (
     EXIT_INPUT,
@@ -30,8 +29,6 @@ from damond.tools.render import format_size, parse
 from damond.tools.stats import WSS_METHOD, weighted_wss
 from damond.tools.tree import ContextInfo, contexts, read_objects, run_steps
 
-CONTEXT_IFACE = INTERFACES["context"]
-
 
 async def objects_of(bus: MessageBus) -> dict[str, dict[str, dict[str, Any]]]:
     try:
@@ -43,7 +40,7 @@ async def objects_of(bus: MessageBus) -> dict[str, dict[str, dict[str, Any]]]:
 async def latest_snapshot(bus: MessageBus, context: ContextInfo) -> list[Any] | None:
     """The context's latest snapshot body; None before the first (or when not allowed)."""
     try:
-        return await client.call(bus, context.path, CONTEXT_IFACE, "GetSnapshot")
+        return await client.get_snapshot(bus, context.path)
     except DBusError as e:
         if e.type in ("org.damond1.Error.NoData", "org.freedesktop.DBus.Error.AccessDenied"):
             return None
