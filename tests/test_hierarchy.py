@@ -320,6 +320,8 @@ class StandIn:
         self.offered = ["vaddr", "paddr"]
         self.refuse: int | None = None
         self.readied: list[str] = []
+        self.cannot: dict[str, str] = {}
+        """DAMOS action or filter type (or "allow") -> why the kernel cannot do it."""
 
     def ready(self, operations: str) -> str:
         self.readied.append(operations)
@@ -339,6 +341,9 @@ class StandIn:
             probe=lambda: self.reason,
             operations=lambda: self.offered,
             ready=self.ready,
+            why_action_unavailable=lambda action, operations: self.cannot.get(action, ""),
+            why_filter_unavailable=lambda f, operations: self.cannot.get(f.type, "")
+            or (self.cannot.get("allow", "") if f.allow else ""),
             start=started,
             granularity="page",
         )
@@ -425,3 +430,51 @@ def test_commit_keeps_the_backend_the_context_runs_on(with_kernel: Any) -> None:
     with pytest.raises(InvalidArgument, match="takes effect at the next on"):
         kd.set("kdamond", "state", "commit")
     assert len(monitors[0].configs) == 2
+
+
+def test_schemes_are_checked_against_the_backend_that_runs_them(with_kernel: Any) -> None:
+    """Each backend's tables say what it does of a scheme: the one the context names, the
+    one it runs on while on, or under auto any that may run it (auto then picks one that
+    can do every scheme); refusals are NotSupported before a monitor exists."""
+    t, monitors, _, kernel = with_kernel
+    kernel.cannot = {
+        "pageout": "pageout: not the kernel's here",
+        "anon": "anon filter: the kernel's vaddr operations ignore it",
+        "allow": "allow: the kernel's filters only reject",
+    }
+    kd, ctx, scheme = with_scheme(t, filters=1)  # filter 0: anon, the default type
+    ctx.set("context", "backend", "kernel")
+    avail = scheme.get("scheme", "avail_actions")
+    assert "nohugepage" in avail and "pageout" not in avail  # the kernel's, not the user's
+    scheme.set("scheme", "action", "nohugepage")  # which the user backend cannot do
+    with pytest.raises(NotSupported, match="not the kernel's here"):
+        scheme.set("scheme", "action", "pageout")
+    f0 = t.lookup("kdamonds/0/contexts/0/schemes/0/filters/0")
+    assert f0 is not None
+    with pytest.raises(NotSupported, match="filters/0: anon filter: the kernel's vaddr"):
+        kd.set("kdamond", "state", "on")
+    f0.set("filter", "type", "addr")
+    with pytest.raises(NotSupported, match="only reject"):
+        f0.set("filter", "allow", True)
+    kd.set("kdamond", "state", "on")
+    assert monitors[-1].configs[0].backend == "kernel"
+    ctx.set("context", "backend", "user")  # for the next on: the running kernel decides
+    assert "pageout" not in scheme.get("scheme", "avail_actions")
+    with pytest.raises(NotSupported, match="not the kernel's here"):
+        scheme.set("scheme", "action", "pageout")
+    kd.set("kdamond", "state", "off")
+
+    # auto: what either may do; `on` picks the first that can do every scheme
+    ctx.set("context", "backend", "auto")
+    assert {"nohugepage", "pageout"} <= set(scheme.get("scheme", "avail_actions"))
+    scheme.set("scheme", "action", "pageout")
+    f0.set("filter", "allow", True)
+    kd.set("kdamond", "state", "on")
+    assert monitors[-1].configs[0].backend == "user"
+    kd.set("kdamond", "state", "off")
+    scheme.set("scheme", "action", "nohugepage")
+    with pytest.raises(NotSupported, match="filters/0: allow: the kernel's filters only reject"):
+        kd.set("kdamond", "state", "on")  # neither can: the first's reason, named
+    f0.set("filter", "allow", False)
+    kd.set("kdamond", "state", "on")
+    assert monitors[-1].configs[0].backend == "kernel"

@@ -434,10 +434,16 @@ def test_configs_are_validated_in_the_core() -> None:
     refused(SchemeConfig(0, filters=(FilterConfig("addr", addr_start=2, addr_end=1),)), "addr")
     refused(SchemeConfig(0, filters=(FilterConfig("target", target_idx=1),)), "target_idx")
     refused(SchemeConfig(0, filters=(FilterConfig("memcg"),)), "memcg")
-    refused(SchemeConfig(0, action="lru_prio"), "lru_prio")  # not the user backend's
+    # what damond's own engine does is its operations table's (the kernel's is another)
+    lru = dataclasses.replace(base, schemes=(SchemeConfig(0, action="lru_prio"),)).validate()
+    with pytest.raises(ConfigError, match="vaddr cannot do the lru_prio action"):
+        Engine(lru, SyntheticSpace([(0, MiB)]), SyntheticAccess([]))
     paddr = ContextConfig(ops.PADDR, "page_idle", ATTRS, (TargetConfig(0),), (pageout(),))
     with pytest.raises(ConfigError, match="paddr cannot do the pageout action"):
-        paddr.validate()
+        paddr.validate().validate_doable(ops.PADDR.actions, ops.PADDR.filter_types)
+    anon = dataclasses.replace(paddr, schemes=(SchemeConfig(0, filters=(FilterConfig(),)),))
+    with pytest.raises(ConfigError, match="paddr cannot honour the anon filter"):
+        Engine(anon, SyntheticSpace([(0, MiB)]), SyntheticAccess([]))
     with pytest.raises(ValueError, match="need the ops' Actions"):
         Engine(
             dataclasses.replace(base, schemes=(pageout(),)),

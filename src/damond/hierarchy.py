@@ -329,27 +329,60 @@ def _check_keyword(node: Node, name: str, value: str, known: tuple[str, ...]) ->
         raise InvalidArgument(node.path, f"{name} {_shown(value)} is not one of {', '.join(known)}")
 
 
-def _check_doable(node: Node, why_not: Callable[[str, str], str], value: str) -> None:
-    """NotSupported, with the ops tables' reason, for what the context's operations set
-    cannot do on this host."""
+def _deciding_backends(context: Context) -> list[backends.Backend]:
+    """Whose tables say what the context's schemes can do: the backend it runs on (a
+    commit keeps it), else the one its backend file names; under auto, each that could
+    start it now (auto picks one that can do its schemes), or every one if none can."""
+    table = context.tree.backends
+    running = _running_config(context)
+    if running is not None:
+        return [table.get(running.backend)]
+    if context.backend != backends.AUTO:
+        return [table.get(context.backend)]
+    return table.ready_for(context.operations) or [table.get(name) for name in table.names]
+
+
+def _check_doable(node: Node, why_not: Callable[[backends.Backend, str], str]) -> None:
+    """NotSupported, with the backends' reasons, for what no backend that may run the
+    context can do (why_not asks one backend's table, for the context's operations)."""
     context = _context_of(node)
-    reason = why_not(value, context.operations)
-    if reason:
-        raise NotSupported(node.path, reason)
+    deciding = _deciding_backends(context)
+    reasons = [why_not(b, context.operations) for b in deciding]
+    if all(reasons):
+        if len(reasons) > 1:
+            reasons = [f"{b.name} backend: {r}" for b, r in zip(deciding, reasons, strict=True)]
+        raise NotSupported(node.path, "; ".join(reasons))
+
+
+def _available_actions(scheme: Scheme) -> list[str]:
+    """What the backends that may run the context can do (docs/dbus-api.md)."""
+    context = _context_of(scheme)
+    offered = {
+        a for b in _deciding_backends(context) for a in b.available_actions(context.operations)
+    }
+    return [a for a in ACTIONS if a in offered]
 
 
 def _check_action(scheme: Scheme, value: str) -> None:
     _check_keyword(scheme, "action", value, ACTIONS)
-    _check_doable(scheme, scheme.tree.registry.why_action_unavailable, value)
+    _check_doable(scheme, lambda b, operations: b.why_action_unavailable(value, operations))
 
 
 def _check_metric(scheme: Scheme, value: str) -> None:
     _check_keyword(scheme, "metric", value, WMARK_METRICS)
 
 
+def _check_filter(node: Filter, f: FilterConfig) -> None:
+    _check_doable(node, lambda b, operations: b.why_filter_unavailable(f, operations))
+
+
 def _check_filter_type(node: Filter, value: str) -> None:
     _check_keyword(node, "type", value, FILTER_TYPES)
-    _check_doable(node, node.tree.registry.why_filter_unavailable, value)
+    _check_filter(node, dataclasses.replace(node.config(), type=value))
+
+
+def _check_allow(node: Filter, value: bool) -> None:
+    _check_filter(node, dataclasses.replace(node.config(), allow=value))
 
 
 def _check_path(node: Filter, value: str) -> None:
@@ -369,7 +402,7 @@ class Filter(Node):
         "filter": (
             stored("type", "str", DEFAULT_FILTER.type, field="type", check=_check_filter_type),
             stored("matching", "bool", DEFAULT_FILTER.matching),
-            stored("allow", "bool", DEFAULT_FILTER.allow),
+            stored("allow", "bool", DEFAULT_FILTER.allow, check=_check_allow),
             stored("memcg_path", "str", DEFAULT_FILTER.memcg_path, check=_check_path),
             stored("addr_start", "u64", DEFAULT_FILTER.addr_start),
             stored("addr_end", "u64", DEFAULT_FILTER.addr_end),
@@ -419,11 +452,7 @@ class Scheme(Node):
     GROUPS = {
         "scheme": (
             stored("action", "str", STAT, check=_check_action),
-            computed(
-                "avail_actions",
-                "strlist",
-                lambda s: s.tree.registry.available_actions(_context_of(s).operations),
-            ),
+            computed("avail_actions", "strlist", _available_actions),
             stored("apply_interval_us", "u64", 0),
         ),
         "access_pattern": (
@@ -664,12 +693,12 @@ class Context(Node):
     def config(self, running: ContextConfig | None = None) -> ContextConfig:
         """Validate this context for `on` (or `commit` of running) and freeze it for the monitor.
 
-        The attributes first (the core's rules), then what this host can
-        run (operations, each scheme's action and filters), then the targets
-        and schemes (the core's rules and the operations set's), then the
-        backend that runs it (which may claim the kernel's admin tree: only
-        once everything else is known good) and, for damond's own engine, the
-        access check.
+        The attributes first (the core's rules), then whether this host
+        runs the operations set, then the targets and schemes (the core's
+        rules and the operations set's), then the backend that runs it (which
+        may claim the kernel's admin tree: only once everything else is known
+        good), what that backend can do of each scheme's action and filters
+        and, for damond's own engine, the access check.
         """
         attrs = Attrs(
             sample_us=self.sample_us,
@@ -693,14 +722,6 @@ class Context(Node):
             for i, t in enumerate(self.targets.items)
         )
         schemes = tuple(s.config(i) for i, s in enumerate(self.schemes.items))
-        for node, scheme in zip(self.schemes.items, schemes, strict=True):
-            why = registry.why_action_unavailable(scheme.action, operations.name)
-            if why:
-                raise NotSupported(node.path, why)
-            for filter_node, f in zip(node.filters.items, scheme.filters, strict=True):
-                why = registry.why_filter_unavailable(f.type, operations.name)
-                if why:
-                    raise NotSupported(filter_node.path, why)
         config = ContextConfig(operations, "", attrs, targets, schemes)
         self._checked(config.validate)
         if operations.target_has_pid:
@@ -709,7 +730,10 @@ class Context(Node):
                 if problem:
                     raise InvalidArgument(target.path, problem)
         try:
-            backend = self._backend(operations.name, running)
+            backend = self._backend(operations.name, running, schemes)
+            where, why = backend.why_schemes_unavailable(schemes, operations.name)
+            if why:
+                raise NotSupported(f"{self.path}/{where}", why)
             access_check = (
                 registry.resolve_access_check(self.access_check, operations.name)
                 if backend.uses_access_check
@@ -721,10 +745,12 @@ class Context(Node):
             raise InvalidArgument(self.path, str(e)) from None
         return dataclasses.replace(config, access_check=access_check, backend=backend.name)
 
-    def _backend(self, operations: str, running: ContextConfig | None) -> backends.Backend:
+    def _backend(
+        self, operations: str, running: ContextConfig | None, schemes: tuple[SchemeConfig, ...]
+    ) -> backends.Backend:
         """The backend to run on: resolved at `on`; at `commit`, the one running."""
         if running is None:
-            return self.tree.backends.resolve(self.backend, operations)
+            return self.tree.backends.resolve(self.backend, operations, schemes)
         backend = self.tree.backends.get(running.backend)
         if self.backend not in (backends.AUTO, backend.name):
             raise ValueError(

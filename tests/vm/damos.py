@@ -1,5 +1,6 @@
-"""Runs INSIDE the test guest: DAMOS pageout by damond's user backend, then by the guest
-kernel's own DAMOS, on the same workload in the same boot.
+"""Runs INSIDE the test guest: DAMOS pageout by damond's user backend, by the guest
+kernel's own DAMOS, then by damond on its kernel backend, on the same workload in the
+same boot.
 
     python tests/vm/damos.py OUT.json [--throughput-s SECONDS]
 
@@ -9,10 +10,12 @@ every pass, a 5 ms pause and a TLB flush between passes). Each monitor gets a
 fresh workload process and the same scheme: pageout regions with no access
 for IDLE_AGGREGATIONS aggregations (2 s at the default 5 ms / 100 ms).
 damond runs first (page_idle, the user backend: process_madvise), then the
-kernel's DAMON through its sysfs, one after the other: each disturbs the
-other's accessed bits. Residency is read from the workload's pagemap (present:
-bit 63, swapped: bit 62) at every damond snapshot and every 0.2 s under the
-kernel, until COLD_DONE of the cold half is swapped or the phase times out.
+kernel's DAMON through its sysfs, then damond with `backend kernel` (the
+scheme written into the kernel's schemes/, its stats and tried regions read
+back over D-Bus), one after the other: each disturbs the others' accessed
+bits. Residency is read from the workload's pagemap (present: bit 63,
+swapped: bit 62) at every damond snapshot and every 0.2 s under the kernel,
+until COLD_DONE of the cold half is swapped or the phase times out.
 
 With --throughput-s (bench/damos.py), each phase then counts the workload's
 passes in windows of that long, alternately with the monitor off and on (see
@@ -55,6 +58,9 @@ WINDOWS = 3
 PAGE = sc.PAGE
 SCHEME = f"{sc.C0}/schemes/0"
 STATS = ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
+STATS_READ_S = 2.5
+"""Long enough for the kernel backend's stats to be read again (once a second, each
+read waiting for the kdamond's next sample, in 100 ms steps) and ride on a snapshot."""
 
 
 def workload(pause_ms: float) -> sc.Workload:
@@ -92,12 +98,19 @@ def residency(pid: int, ranges: list[tuple[int, int]]) -> tuple[float, float]:
     return present / total, swapped / total
 
 
+def meminfo_kb(*names: str) -> dict[str, int]:
+    """Fields of /proc/meminfo, in kB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) for name in names}
+
+
 class Watch:
     """The hot half's residency and the cold half's swap-out over a phase."""
 
     def __init__(self, wl: sc.Workload, record: dict[str, Any]) -> None:
         self.wl = wl
         self.record = record
+        record["meminfo_at_on"] = meminfo_kb("MemFree", "SwapFree")  # to diagnose a phase
         self.t0 = time.monotonic()
         self.hot_min = 1.0
         self.trace: list[list[Any]] = []
@@ -187,14 +200,23 @@ async def window(wl: sc.Workload, seconds: float, monitor: int | None) -> dict[s
 
 
 async def damond_phase(
-    run: sc.Run, throughput_s: float, pause_ms: float, record: dict[str, Any]
+    run: sc.Run,
+    throughput_s: float,
+    pause_ms: float,
+    record: dict[str, Any],
+    backend: str = "user",
 ) -> None:
+    """damond's scheme on backend: its own engine (user), or the kernel's DAMOS (kernel)."""
     from damond.tools.client import covered, set_scheme
 
     wl = workload(pause_ms)
+    args = sc.USER_BACKEND_ONLY if backend == "user" else ()
+    workdir = run.workdir / backend
+    workdir.mkdir(exist_ok=True)
     try:
-        async with sc.running_daemon(run.workdir, record) as d:
+        async with sc.running_daemon(workdir, record, args) as d:
             await sc.configure(d, wl.pid, run.access_check)
+            await d.set(sc.C0, "org.damond1.Context", "backend", "s", backend)
             await d.set(sc.C0, "org.damond1.Schemes", "nr", "u", 1)
             await set_scheme(
                 d.client,
@@ -208,17 +230,24 @@ async def damond_phase(
             await sc.state(d, "on")
             watch = Watch(wl, record)
             record.update(await d.access_check_facts())
-            tried: list[tuple[int, int]] = []
+            tried_all: list[tuple[int, int, int, int, int]] = []
             while time.monotonic() - watch.t0 < DAMOND_TIMEOUT_S:
                 msg = await asyncio.wait_for(queue.get(), sc.SNAPSHOT_TIMEOUT_S)
-                tried += [(r[1], r[2]) for r in await tried_so_far(d)]
+                tried_all += await tried_so_far(d)
                 if watch.look(int(msg.body[0])):
                     break
+            tried = [(r[1], r[2]) for r in tried_all]
             record["aggregations"] = watch.trace[-1][1] if watch.trace else 0
+            await stats_as_they_stand(d, queue)
             record["stats"] = {n: await d.get(SCHEME, "org.damond1.SchemeStats", n) for n in STATS}
+            record["tried_regions"] = sorted(set(tried_all))
+            record["effective_backend"] = await d.get(
+                sc.C0, "org.damond1.Context", "effective_backend"
+            )
             lo, hi = wl.cold()[0]
             record["cold_tried_share"] = round(covered(tried, lo, hi) / (hi - lo), 4)
             record["cold_bytes"] = hi - lo
+            record["cold_range"] = [lo, hi]
             if throughput_s:
 
                 async def off() -> None:
@@ -232,6 +261,15 @@ async def damond_phase(
             await sc.state(d, "off")
     finally:
         wl.stop()
+
+
+async def stats_as_they_stand(d: sc.Daemon, queue: asyncio.Queue[Any]) -> None:
+    """Wait until the stats seen over D-Bus include what the residency showed: damond's
+    engine counts them as it acts; the kernel backend reads the kernel's at most once a
+    second (STATS_READ_S), and they ride on the snapshots that follow."""
+    until = time.monotonic() + STATS_READ_S
+    while time.monotonic() < until:
+        await asyncio.wait_for(queue.get(), sc.SNAPSHOT_TIMEOUT_S)
 
 
 async def tried_so_far(d: sc.Daemon) -> list[tuple[int, int, int, int, int]]:
@@ -284,6 +322,11 @@ async def scenario(run: sc.Run, throughput_s: float, pause_ms: float) -> None:
     run.save()
     await run.phase("damond", lambda r: damond_phase(run, throughput_s, pause_ms, r))
     await run.phase("kernel", lambda r: kernel_phase(throughput_s, pause_ms, r))
+    if not throughput_s:  # bench/damos.py compares damond's engine with the kernel's
+        kernel_damon.mount_tracefs()  # where the kernel backend reads the kernel's results
+        await run.phase(
+            "damond_kernel", lambda r: damond_phase(run, 0, pause_ms, r, backend="kernel")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,14 @@ itself; it records what it saw (or its traceback) for the host-side test:
   kernel again, and on a clean exit writes nr_kdamonds back to 0;
 - refusals: kernel writes made to fail (DAMOND_FAULT_SYSFS: the kernel
   refuses little of what damond's rules allow) leave the kernel's tree off,
-  damond's tree unchanged, and name the kernel's errno;
+  damond's tree unchanged, and name the kernel's errno; a scheme's file
+  among them;
+- schemes: a scheme with every file set lands in the kernel's schemes/ tree
+  file for file, a commit carries changes there and into the running
+  kdamond (a stat scheme that matched nothing starts trying regions, which
+  come back over D-Bus), the effective quota is read back, and a scheme the
+  kernel cannot do (an anon filter on vaddr) is refused at `on` before
+  anything is written;
 - commit_reuse: a commit names a new target, which dies and whose pid goes to
   another process before the kernel takes the commit (at its next
   aggregation): damond pinned the pid when it accepted the commit, so the
@@ -184,6 +191,7 @@ REFUSALS = {
     "state on": ("kdamonds/*/state:on:EBUSY", "EBUSY"),
     "targets nr": ("kdamonds/*/contexts/0/targets/nr_targets:*:ENOMEM", "ENOMEM"),
     "sample_us": ("kdamonds/*/contexts/0/monitoring_attrs/intervals/sample_us:*:EINVAL", "EINVAL"),
+    "scheme file": ("kdamonds/*/contexts/0/schemes/0/access_pattern/age/min:*:ERANGE", "ERANGE"),
 }
 
 
@@ -197,6 +205,8 @@ async def check_refusals(workdir: Path, sleeper: int) -> dict[str, Any]:
             workdir_of.mkdir()
             async with scenarios.running_daemon(workdir_of, record, args=()) as d:
                 await context(d, sleeper, "kernel")
+                if "schemes" in fault:
+                    await d.set(C0, "org.damond1.Schemes", "nr", "u", 1)
                 before = await managed_objects(d)
                 refused = await try_set(d, K0, "org.damond1.Kdamond", "state", "s", "on")
                 out[name] = {
@@ -210,6 +220,168 @@ async def check_refusals(workdir: Path, sleeper: int) -> dict[str, Any]:
             del os.environ["DAMOND_FAULT_SYSFS"]
         out[name]["exit_code"] = record.get("daemon_exit_code")
         out[name]["traceback"] = "Traceback" in log
+    return out
+
+
+MiB = 1 << 20
+SCHEME = {  # every file of a scheme, none at damond's default
+    "action": "cold",
+    "apply_interval_us": 200_000,
+    "sz_min": 8192,
+    "sz_max": 1 << 30,
+    "nr_accesses_min": 1,
+    "nr_accesses_max": 15,
+    "age_min": 3,
+    "age_max": 1000,
+    "ms": 0,
+    "bytes": 16 * MiB,
+    "reset_interval_ms": 500,
+    "weight_sz": 1,
+    "weight_nr_accesses": 2,
+    "weight_age": 3,
+    "metric": "free_mem_rate",
+    "interval_us": 100_000,
+    "high": 1000,
+    "mid": 900,
+    "low": 0,
+}
+FILTERS = (
+    {"type": "addr", "matching": True, "addr_start": 4096, "addr_end": 1 << 40},
+    {"type": "target", "matching": False, "target_idx": 0},
+)
+KERNEL_FILES = {  # where the kernel's sysfs keeps each, as it shows it
+    "action": "cold",
+    "apply_interval_us": "200000",
+    "access_pattern/sz/min": "8192",
+    "access_pattern/sz/max": str(1 << 30),
+    "access_pattern/nr_accesses/min": "1",
+    "access_pattern/nr_accesses/max": "15",
+    "access_pattern/age/min": "3",
+    "access_pattern/age/max": "1000",
+    "quotas/ms": "0",
+    "quotas/bytes": str(16 * MiB),
+    "quotas/reset_interval_ms": "500",
+    "quotas/weights/sz_permil": "1",
+    "quotas/weights/nr_accesses_permil": "2",
+    "quotas/weights/age_permil": "3",
+    "watermarks/metric": "free_mem_rate",
+    "watermarks/interval_us": "100000",
+    "watermarks/high": "1000",
+    "watermarks/mid": "900",
+    "watermarks/low": "0",
+    "filters/nr_filters": "2",
+    "filters/0/type": "addr",
+    "filters/0/matching": "Y",
+    "filters/0/addr_start": "4096",
+    "filters/0/addr_end": str(1 << 40),
+    "filters/1/type": "target",
+    "filters/1/matching": "N",
+    "filters/1/damon_target_idx": "0",
+}
+MATCH_NOTHING = 1 << 50
+"""A stat scheme's sz_min no region reaches."""
+COMMITTED = (  # files changed while on, then committed
+    (f"{C0}/schemes/0", "org.damond1.Scheme", "action", "s", "pageout"),
+    (f"{C0}/schemes/0", "org.damond1.AccessPattern", "age_min", "u", 5),
+    (f"{C0}/schemes/0", "org.damond1.AccessPattern", "sz_min", "t", 4096),
+    (f"{C0}/schemes/0/filters/0", "org.damond1.Filter", "addr_end", "t", 1 << 41),
+    (f"{C0}/schemes/1", "org.damond1.AccessPattern", "sz_min", "t", 0),  # match all
+)
+KERNEL_FILES_COMMITTED = {
+    **KERNEL_FILES,
+    "action": "pageout",
+    "access_pattern/age/min": "5",
+    "access_pattern/sz/min": "4096",
+    "filters/0/addr_end": str(1 << 41),
+}
+
+
+def kernel_scheme(index: int) -> dict[str, str]:
+    """The kernel's files (of KERNEL_FILES, those that exist) of scheme index of the
+    kdamond that runs (damond's, on)."""
+    running = [k for k, state in enumerate(states()) if state == "on"]
+    assert len(running) == 1, states()
+    base = Path(f"{ADMIN}/kdamonds/{running[0]}/contexts/0/schemes/{index}")
+    return {n: (base / n).read_text().strip() for n in KERNEL_FILES if (base / n).exists()}
+
+
+async def snapshots_until(
+    d: scenarios.Daemon, queue: Any, done: Callable[[], Awaitable[bool]], most: int = 100
+) -> int:
+    """Wait for snapshots until done() says so; how many it took (most: give up)."""
+    for n in range(1, most + 1):
+        await asyncio.wait_for(queue.get(), scenarios.SNAPSHOT_TIMEOUT_S)
+        if await done():
+            return n
+    return -1
+
+
+async def tried_is_every_region(d: scenarios.Daemon, scheme: str) -> bool | None:
+    """A match-all stat scheme's tried regions are the regions of the snapshot they came
+    with (compared when no snapshot came between the two reads; None if one always did)."""
+    from damond.tools.client import tried_regions
+
+    for _ in range(20):
+        first = await d.snapshot()
+        tried = await tried_regions(d.client, scheme)
+        if (await d.snapshot()).seq == first.seq:
+            regions = [(0, r[0], r[1]) for r in first.regions]
+            return [(t, s, e) for t, s, e, _, _ in tried] == regions
+    return None
+
+
+async def check_schemes(workdir: Path, sleeper: int) -> dict[str, Any]:
+    from damond.tools.client import set_scheme, tried_regions
+
+    out: dict[str, Any] = {}
+    s0, s1 = f"{C0}/schemes/0", f"{C0}/schemes/1"
+    record: dict[str, Any] = {}
+    async with scenarios.running_daemon(workdir, record, args=()) as d:
+        await context(d, sleeper, "auto")
+        await d.set(C0, "org.damond1.Schemes", "nr", "u", 2)
+        # auto takes an anon filter (damond's engine honours it); the kernel's vaddr does
+        # not: `on` on the kernel refuses it before writing anything there
+        await set_scheme(d.client, C0, 1, ({"type": "anon"},), sz_min=MATCH_NOTHING)
+        await d.set(C0, "org.damond1.Context", "backend", "s", "kernel")
+        before, kernel_before = await managed_objects(d), tree()
+        out["anon_refused"] = await try_set(d, K0, "org.damond1.Kdamond", "state", "s", "on")
+        out["anon_unchanged"] = await managed_objects(d) == before and tree() == kernel_before
+        await set_scheme(d.client, C0, 1, sz_min=MATCH_NOTHING)  # no filter
+
+        await set_scheme(d.client, C0, 0, FILTERS, **SCHEME)
+        queue = await d.snapshots()
+        await scenarios.state(d, "on")
+        out["effective_backend"] = await d.get(C0, "org.damond1.Context", "effective_backend")
+        out["files_on"] = kernel_scheme(0)
+        out["stat_match_nothing"] = kernel_scheme(1)["access_pattern/sz/min"]
+
+        async def effective_bytes() -> bool:
+            return await d.get(s0, "org.damond1.Quotas", "effective_bytes") == 16 * MiB
+
+        out["effective_bytes_after"] = await snapshots_until(d, queue, effective_bytes)
+        out["tried_before_commit"] = await tried_regions(d.client, s1)
+        out["nr_tried_before_commit"] = await d.get(s1, "org.damond1.SchemeStats", "nr_tried")
+
+        # a commit: new values in the kernel's files, and in the kdamond that runs
+        for path, iface, name, sig, value in COMMITTED:
+            await d.set(path, iface, name, sig, value)
+        await scenarios.state(d, "commit")
+
+        async def tried_all() -> bool:
+            return bool(await tried_regions(d.client, s1))
+
+        out["tried_after"] = await snapshots_until(d, queue, tried_all)
+        out["tried_is_every_region"] = await tried_is_every_region(d, s1)
+
+        async def nr_tried() -> bool:
+            return await d.get(s1, "org.damond1.SchemeStats", "nr_tried") > 0
+
+        out["nr_tried_after"] = await snapshots_until(d, queue, nr_tried)
+        out["files_committed"] = kernel_scheme(0)
+        await scenarios.state(d, "off")
+        log = d.log()
+    out["exit_code"] = record.get("daemon_exit_code")
+    out["traceback"] = "Traceback" in log
     return out
 
 
@@ -273,6 +445,7 @@ CHECKS: dict[str, Callable[[Path, int], Awaitable[dict[str, Any]]]] = {
     "in_use": check_in_use,
     "recovery": check_recovery,
     "refusals": check_refusals,
+    "schemes": check_schemes,
     "commit_reuse": check_commit_reuse,
 }
 
@@ -286,10 +459,12 @@ async def run_all() -> dict[str, Any]:
             for name, check in CHECKS.items():
                 workdir = Path(tmp) / name
                 workdir.mkdir()
+                began = time.monotonic()
                 try:
                     report[name] = await check(workdir, sleeper.pid)
                 except Exception:
                     report[name] = {"error": traceback.format_exc()}
+                report[name]["seconds"] = round(time.monotonic() - began, 1)
                 print(f"kernel_backend_checks: {name}: {json.dumps(report[name])}", flush=True)
     finally:
         sleeper.kill()

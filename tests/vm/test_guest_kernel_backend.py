@@ -8,17 +8,24 @@ One guest boot (1 vCPU) runs, with tracefs mounted where systemd mounts it:
   leave everything off and name the errno), and a commit's pid pinned at
   acceptance (a target that dies before the kernel takes the commit, its pid
   given to another process, is never monitored);
-- the D-Bus suite's snapshot, commit and self-off tests, and the error tests
-  that can reach the kernel, with DAMOND_TEST_BACKEND=kernel: every context
-  they make asks for the kernel's DAMON, and the `damond` fixture checks
-  after each that the daemon's exit left nr_kdamonds 0 (tests/conftest.py).
+- the D-Bus suite's snapshot, commit and self-off tests, the error tests
+  that can reach the kernel, and the DAMOS tests that make sense on the
+  kernel's own schemes (their rules and refusals, stats read back and
+  announced at most once a second, watermarks), with
+  DAMOND_TEST_BACKEND=kernel: every context they make asks for the kernel's
+  DAMON, and the `damond` fixture checks after each that the daemon's exit
+  left nr_kdamonds 0 (tests/conftest.py).
 
 Left out of the suite here: the flood and stalled-bus tests (they are about
 the bus adapter's bounds, the same code for both backends, and rely on
 1000-region snapshots of a `sleep` process every millisecond, which damond's
 own engine makes and the kernel's, merging a sleeping process's regions,
-does not), and the tests of values and of the daemon's start that no backend
-reaches.
+does not), the tests of values and of the daemon's start that no backend
+reaches, and the DAMOS tests of what Linux 6.12's vaddr cannot do (anon
+filters, allow filters: the filter test and the busctl walkthrough, which
+use them) or of a disk file the guest lacks (the file-backed pageout: the
+kernel backend's pageout, of anonymous memory with zram swap, is
+tests/vm/test_damos.py's).
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from typing import Any
 import pytest
 from damond_vm_run import Guest  # tests/vm/run.py, loaded by tests/vm/conftest.py
 from guest_json import REPO, VENV_PYTHON  # tests/vm/guest_json.py
+from kernel_backend_checks import (  # tests/vm/kernel_backend_checks.py
+    KERNEL_FILES,
+    KERNEL_FILES_COMMITTED,
+    MATCH_NOTHING,
+)
 
 SUITE = [
     "tests/test_dbus_monitoring.py::test_seed_walkthrough_with_busctl",
@@ -44,6 +56,9 @@ SUITE = [
     "tests/test_dbus_errors.py::test_region_rules",
     "tests/test_dbus_errors.py::test_state_keywords_and_commit_while_off",
     "tests/test_dbus_errors.py::test_busy_while_on",
+    "tests/test_dbus_schemes.py::test_watermarks_pause_and_resume_a_scheme",
+    "tests/test_dbus_schemes.py::test_stats_are_announced_at_most_once_a_second",
+    "tests/test_dbus_schemes.py::test_bad_scheme_values_get_the_contracts_errors_and_change_nothing",
 ]
 BAD_ATTRIBUTES = 5
 """Parameters of test_on_refuses_bad_attributes: each a test of its own."""
@@ -146,6 +161,7 @@ def test_a_clean_exit_gives_the_tree_back(in_guest: dict[str, Any]) -> None:
         ("state on", "org.damond1.Error.Busy"),
         ("targets nr", "org.damond1.Error.Busy"),
         ("sample_us", "org.damond1.Error.InvalidArgument"),
+        ("scheme file", "org.damond1.Error.InvalidArgument"),
     ],
 )
 def test_a_kernel_refusal_leaves_everything_off_and_names_the_errno(
@@ -159,6 +175,40 @@ def test_a_kernel_refusal_leaves_everything_off_and_names_the_errno(
     assert seen["unchanged"]
     assert set(seen["kernel_states"]) == {"off"}, seen["kernel_states"]
     assert seen["exit_code"] == 0 and not seen["traceback"]
+
+
+def test_a_scheme_lands_in_the_kernels_files_and_a_commit_carries_changes(
+    in_guest: dict[str, Any],
+) -> None:
+    seen = check(in_guest, "schemes")
+    assert seen["effective_backend"] == "kernel"
+    assert seen["files_on"] == KERNEL_FILES  # every file, none left at the kernel's default
+    assert seen["stat_match_nothing"] == str(MATCH_NOTHING)
+    assert seen["files_committed"] == KERNEL_FILES_COMMITTED
+    assert seen["exit_code"] == 0 and not seen["traceback"]
+
+
+def test_stats_quotas_and_tried_regions_come_back_from_the_kernel(
+    in_guest: dict[str, Any],
+) -> None:
+    seen = check(in_guest, "schemes")
+    assert seen["effective_bytes_after"] > 0  # the 16 MiB size quota, read back
+    # a stat scheme matching nothing tried nothing; committed to match all, the running
+    # kdamond tries every region: the regions of the very snapshot it came with
+    assert seen["tried_before_commit"] == [] and seen["nr_tried_before_commit"] == 0
+    assert seen["tried_after"] > 0 and seen["nr_tried_after"] > 0
+    assert seen["tried_is_every_region"] is True
+
+
+def test_what_the_kernel_cannot_do_is_refused_before_anything_is_written(
+    in_guest: dict[str, Any],
+) -> None:
+    seen = check(in_guest, "schemes")
+    assert seen["anon_refused"] is not None
+    error, text = seen["anon_refused"]
+    assert error == "org.damond1.Error.NotSupported", text
+    assert "/org/damond1/kdamonds/0/contexts/0/schemes/1/filters/0: anon filter" in text, text
+    assert seen["anon_unchanged"]
 
 
 def test_a_pid_reused_before_the_kernel_takes_a_commit_is_never_monitored(

@@ -8,9 +8,10 @@
 A ``Backend`` table says everything the rest of damond may know of a
 backend: whether it works here and why not, which operations sets it runs,
 whether the context's access check applies, whether it can start a context
-of a given operations set now, and how to start one. The admin tree asks a
-``Backends`` registry to resolve a context's ``backend`` (``auto`` picks the
-first of the tables, in order, that can start it) and to list what is
+of a given operations set now, which DAMOS actions and filters it can do
+for one, and how to start one. The admin tree asks a ``Backends`` registry
+to resolve a context's ``backend`` (``auto`` picks the first of the tables,
+in order, that can start it and do its schemes) and to list what is
 available; the daemon asks it for the factory; ``damond --help`` for what
 works here. Tests inject tables, as with the ops Registry.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from damond.monitor import ops
-from damond.monitor.config import ContextConfig
+from damond.monitor.config import ACTIONS, ContextConfig, FilterConfig, SchemeConfig
 from damond.monitor.kernel import KernelDamon
 from damond.monitor.snapshot import Snapshot
 
@@ -70,6 +71,12 @@ class Backend:
     ready: Callable[[str], str]
     """(operations) → '' when it can start a context of that operations set now, else why
     not; may take what it needs first (the kernel backend claims the admin tree)."""
+    why_action_unavailable: Callable[[str, str], str]
+    """(action, operations) → '' when it can do that DAMOS action to a context of that
+    operations set here, else why not."""
+    why_filter_unavailable: Callable[[FilterConfig, str], str]
+    """(filter, operations) → '' when it can honour that DAMOS filter (its type, and
+    whether it allows or rejects) for that operations set here, else why not."""
     start: MonitorFactory | None = None
     """None in tables that only answer questions (tests, --help)."""
     owns_host_damon: Callable[[], bool] = lambda: False
@@ -78,6 +85,26 @@ class Backend:
     granularity: str = ""
     """What one access answer stands for where it checks accesses itself (no access
     check of damond's: the kernel checks each sampled page's accessed bits)."""
+
+    def available_actions(self, operations: str) -> list[str]:
+        """The DAMOS actions it can do to a context of this operations set here."""
+        return [a for a in ACTIONS if not self.why_action_unavailable(a, operations)]
+
+    def why_schemes_unavailable(
+        self, schemes: Sequence[SchemeConfig], operations: str
+    ) -> tuple[str, str]:
+        """('', '') when it can do every scheme's action and honour every filter for that
+        operations set here; else (where, relative to the context, why not)."""
+        for scheme in schemes:
+            where = f"schemes/{scheme.index}"
+            reason = self.why_action_unavailable(scheme.action, operations)
+            if reason:
+                return where, reason
+            for i, f in enumerate(scheme.filters):
+                reason = self.why_filter_unavailable(f, operations)
+                if reason:
+                    return f"{where}/filters/{i}", reason
+        return "", ""
 
 
 class Backends:
@@ -125,23 +152,33 @@ class Backends:
             reasons.append(f"{b.name} backend: {reason or b.ready(operations)}")
         return "; ".join(reasons)
 
-    def resolve(self, requested: str, operations: str) -> Backend:
-        """The backend a context of this operations set runs on: AUTO picks the first
-        table that can start it now. ValueError for an unknown name; ops.Unsupported,
-        with every reason, when none can."""
+    def resolve(
+        self, requested: str, operations: str, schemes: Sequence[SchemeConfig] = ()
+    ) -> Backend:
+        """The backend a context of this operations set (and schemes) runs on: AUTO picks
+        the first table that can start it now and do its schemes, or else the first that
+        can start it (whose refusal of a scheme the caller names). ValueError for an
+        unknown name; ops.Unsupported, with every reason, when none can start it."""
         if requested != AUTO:
             backend = self.get(requested)
             reason = backend.ready(operations)
             if reason:
                 raise ops.Unsupported(f"{requested} backend: {reason}")
             return backend
-        reasons = []
-        for backend in self._backends.values():
-            reason = backend.ready(operations)
-            if not reason:
+        reasons = {b.name: b.ready(operations) for b in self._backends.values()}
+        ready = [self._backends[name] for name, reason in reasons.items() if not reason]
+        for backend in ready:
+            if not backend.why_schemes_unavailable(schemes, operations)[1]:
                 return backend
-            reasons.append(f"{backend.name} backend: {reason}")
-        raise ops.Unsupported("; ".join(reasons))
+        if ready:
+            return ready[0]
+        raise ops.Unsupported(
+            "; ".join(f"{name} backend: {reason}" for name, reason in reasons.items())
+        )
+
+    def ready_for(self, operations: str) -> list[Backend]:
+        """The tables that can start a context of this operations set now, in AUTO's order."""
+        return [b for b in self._backends.values() if not b.ready(operations)]
 
 
 def user_backend(registry: ops.Registry, start: MonitorFactory | None = None) -> Backend:
@@ -152,6 +189,10 @@ def user_backend(registry: ops.Registry, start: MonitorFactory | None = None) ->
         probe=lambda: "",
         operations=registry.available_operations,
         ready=registry.why_unavailable,
+        why_action_unavailable=registry.why_action_unavailable,
+        why_filter_unavailable=lambda f, operations: registry.why_filter_unavailable(
+            f.type, operations
+        ),
         start=start,
     )
 
@@ -161,7 +202,7 @@ def user_only(registry: ops.Registry = ops.REGISTRY) -> Backends:
     return Backends([user_backend(registry)])
 
 
-def kernel_backend(kernel: KernelDamon) -> Backend:
+def kernel_backend(kernel: KernelDamon, registry: ops.Registry = ops.REGISTRY) -> Backend:
     """The kernel's own DAMON, through damond's claim on its admin tree."""
     return Backend(
         KERNEL,
@@ -169,6 +210,12 @@ def kernel_backend(kernel: KernelDamon) -> Backend:
         probe=kernel.why_unavailable,
         operations=kernel.operations,
         ready=kernel.ready,
+        why_action_unavailable=lambda action, operations: kernel.why_action_unavailable(
+            action, registry.operations(operations)
+        ),
+        why_filter_unavailable=lambda f, operations: kernel.why_filter_unavailable(
+            f, registry.operations(operations)
+        ),
         start=kernel.start,
         owns_host_damon=kernel.owns_host_damon,
         granularity="page",

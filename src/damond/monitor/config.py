@@ -9,6 +9,7 @@ every caller, the rules live here, with the values: whoever builds an engine
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -307,7 +308,8 @@ class ContextConfig:
         The attributes' rules first, then each target's regions, then what
         the operations set asks of its targets (how many, with regions, with
         a process or not), then damond's bound on the regions to start with,
-        then each scheme's rules and what the operations set can do of it.
+        then each scheme's rules. What a backend can do of the schemes is its
+        own table's to say (validate_doable, monitor/backends.py).
         """
         self.attrs.validate()
         ops = self.operations
@@ -339,12 +341,23 @@ class ContextConfig:
             )
         for scheme in self.schemes:
             scheme.validate(len(self.targets))
+        return self
+
+    def validate_doable(
+        self, actions: Collection[str], filter_types: Collection[str]
+    ) -> ContextConfig:
+        """ConfigError unless every scheme's action is one of actions and every filter's
+        type one of filter_types (what the backend running it does); returns self."""
+        for scheme in self.schemes:
             where = f"schemes/{scheme.index}"
-            if scheme.action not in ops.actions:
-                raise ConfigError(where, f"{ops.name} cannot do the {scheme.action} action")
+            if scheme.action not in actions:
+                raise ConfigError(
+                    where, f"{self.operations.name} cannot do the {scheme.action} action"
+                )
             for i, f in enumerate(scheme.filters):
-                if f.type not in ops.filter_types:
+                if f.type not in filter_types:
                     raise ConfigError(
-                        f"{where}/filters/{i}", f"{ops.name} cannot honour a {f.type} filter"
+                        f"{where}/filters/{i}",
+                        f"{self.operations.name} cannot honour the {f.type} filter",
                     )
         return self

@@ -33,6 +33,13 @@ def realtime_us() -> int:
     return time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000
 
 
+def _validated(config: ContextConfig) -> ContextConfig:
+    """The rules, and what damond's own engine does of the schemes: the operations set's
+    table says which actions and filters the user backend has."""
+    ops = config.operations
+    return config.validate().validate_doable(ops.actions, ops.filter_types)
+
+
 @dataclass(eq=False)
 class _Target:
     config: TargetConfig
@@ -55,7 +62,7 @@ class Engine:
     ) -> None:
         """actions: what the schemes' actions do (the ops'; only stat schemes without);
         metric: the watermarks' free memory rate; now_ns: the quotas' clock."""
-        self._config = config.validate()
+        self._config = _validated(config)
         self._space = space
         self._access = access
         self._schemes = Schemes(config.schemes, actions, metric, now_ns)
@@ -123,7 +130,7 @@ class Engine:
 
         ConfigError, now, for one the rules refuse.
         """
-        config.validate()
+        _validated(config)
         if not self._started:
             self._config = config
             return

@@ -10,6 +10,15 @@ leave as the same Snapshots damond's own engine publishes: seq counts
 aggregations from 1, the timestamp is the end of the aggregation in
 CLOCK_REALTIME, max_nr_accesses is aggr_us / sample_us, and each region's
 nr_accesses and age are the kernel's own.
+
+A context's DAMOS schemes are written into the kdamond's schemes/ files and
+the kernel does everything; what they did comes back in the snapshots as
+damond's own engine reports it (SchemeResult): the stats and the effective
+size quota read from the kernel's files at most once a second, off the event
+loop, and the tried regions from the damos_before_apply trace event
+(kernel_schemes.py). What the kernel can do of a scheme (its actions and
+filters) is asked of its sysfs when damond claims the tree, and of the
+operations tables (monitor/ops).
 """
 
 from __future__ import annotations
@@ -19,19 +28,30 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from damond.monitor.config import ConfigError, ContextConfig
+from damond.monitor.config import ConfigError, ContextConfig, FilterConfig
 from damond.monitor.kernel_relay import Aggregation, Aggregations, Relay
-from damond.monitor.ops.base import KernelRefused
+from damond.monitor.kernel_schemes import STATS_INTERVAL_S, KernelSchemes
+from damond.monitor.ops.base import KernelRefused, Operations
 from damond.monitor.ops.damon_claim import POOL_SIZE, RUN_DIR, Claim
 from damond.monitor.ops.damon_sysfs import ADMIN, AdminFiles, KdamondDir, WriteFault
-from damond.monitor.ops.damon_trace import TRACEFS, Records, TraceInstance
+from damond.monitor.ops.damon_trace import (
+    TRACEFS,
+    TRIED_BUFFER_KB,
+    TRIED_EVENT,
+    TRIED_FIELDS,
+    TRIED_INSTANCE,
+    Records,
+    TraceInstance,
+)
 from damond.monitor.ops.damon_trace import probe as probe_tracefs
 from damond.monitor.ops.process import TargetProcess
 from damond.monitor.pins import pin_targets
@@ -57,7 +77,14 @@ class KernelDamon:
         self.turned_off = admin == OFF
         self.files = AdminFiles("" if self.turned_off else admin, fault)
         self.trace = TraceInstance(tracefs)
-        self.claim = Claim(self.files, self.trace, run_dir, pool_size)
+        self.tried = TraceInstance(
+            tracefs, TRIED_INSTANCE, TRIED_EVENT, TRIED_FIELDS, TRIED_BUFFER_KB
+        )
+        self.claim = Claim(self.files, self.trace, run_dir, pool_size, self.tried)
+        self.commands = threading.Lock()
+        """Held around damond's `state` commands to running kdamonds (commit, the stats
+        updates): the kernel carries out one at a time for the whole tree and answers
+        EBUSY to a second, so damond's own never race each other."""
         self._relay: Relay | None = None
 
     @property
@@ -105,6 +132,52 @@ class KernelDamon:
             return f"all {self.claim.pool_size} kdamonds of damond's kernel DAMON pool are on"
         return ""
 
+    # -- what its DAMOS can do (the backend table's why_action/filter_unavailable) --------
+
+    def why_action_unavailable(self, action: str, operations: Operations) -> str:
+        """'' when the kernel does this DAMOS action for a context of that operations set:
+        its sysfs takes the action (probed at the claim) and its operations do it."""
+        reason = self._why_no_damos()
+        if reason:
+            return reason
+        if action not in self.claim.damos.actions:
+            return f"{action}: this kernel's DAMON has no such action (its sysfs refuses it)"
+        if action not in operations.kernel_actions:
+            return (
+                f"{action}: the kernel's {operations.name} operations do not do it "
+                f"(they do {', '.join(operations.kernel_actions)})"
+            )
+        return ""
+
+    def why_filter_unavailable(self, f: FilterConfig, operations: Operations) -> str:
+        """'' when the kernel honours this DAMOS filter for that operations set: its sysfs
+        takes the type (and an allow filter, if allow is set), and the operations (or the
+        core) check it."""
+        reason = self._why_no_damos()
+        if reason:
+            return reason
+        if f.type not in self.claim.damos.filter_types:
+            return f"{f.type} filter: this kernel's DAMON has no such filter (its sysfs refuses it)"
+        if f.type not in operations.kernel_filter_types:
+            return (
+                f"{f.type} filter: the kernel's {operations.name} operations ignore it (they "
+                f"honour {', '.join(operations.kernel_filter_types)} filters)"
+            )
+        if f.allow and not self.claim.damos.filter_allow:
+            return (
+                f"{f.type} filter with allow: this kernel's DAMOS filters have no allow "
+                "file: a filter can only reject the memory it matches (allow false)"
+            )
+        return ""
+
+    def _why_no_damos(self) -> str:
+        reason = self.claim_now()
+        if reason:
+            return f"the kernel backend is unavailable: {reason}"
+        if self.claim.damos.reason:
+            return f"the kernel backend has no DAMOS schemes: {self.claim.damos.reason}"
+        return ""
+
     def start(
         self,
         name: str,
@@ -117,7 +190,7 @@ class KernelDamon:
     def relay(self) -> Relay:
         """The reader of damond's trace instance, on the running event loop."""
         if self._relay is None:
-            self._relay = Relay(self.trace, asyncio.get_running_loop())
+            self._relay = Relay(self.trace, asyncio.get_running_loop(), self.tried)
         return self._relay
 
     def close(self) -> None:
@@ -216,6 +289,11 @@ class KernelMonitor:
         """(trace clock ns from which it applies, config): commits, in order."""
         self._committed = False
         self._aggregations = Aggregations(len(config.targets))
+        self._schemes = KernelSchemes(tracks_tried=kernel.tried.format is not None)
+        self._reading_stats = False
+        self._stats_read_at = -math.inf
+        self._stats_problem = ""
+        """The last refusal of a stats read (on the worker), logged once."""
         self._seq = 0
         self._last_ts = 0
         self._lost = False
@@ -308,11 +386,12 @@ class KernelMonitor:
             return
         try:
             self._kdamond.write(config)
-            # from now on, an aggregation the kernel reports ran with config (list
-            # appends and reads are atomic: the loop reads _epochs without a lock)
-            self._epochs.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), config))
-            self._committed = True
-            self._kdamond.commit()
+            with self._kernel.commands:
+                # from now on, an aggregation the kernel reports ran with config (list
+                # appends and reads are atomic: the loop reads _epochs without a lock)
+                self._epochs.append((time.clock_gettime_ns(time.CLOCK_MONOTONIC), config))
+                self._committed = True
+                self._kdamond.commit()
         except KernelRefused as e:
             _close(pins)
             self._from_worker(self._end, f"the kernel refused the commit: {e}")
@@ -385,6 +464,12 @@ class KernelMonitor:
         self._aggregations.lose()
         self._lost = True
 
+    def tried(self, ts: np.ndarray, records: Records) -> None:
+        self._schemes.tried(ts, records)
+
+    def lost_tried(self) -> None:
+        self._schemes.lost()
+
     @property
     def midway(self) -> bool:
         return self._aggregations.midway
@@ -431,7 +516,48 @@ class KernelMonitor:
                 (aggregation.ts + offset) // 1000,
                 config.attrs.samples_per_aggregation,
                 targets,
+                self._schemes.results(aggregation.ts, config),
                 effective_sample_us=aggr_us // config.attrs.samples_per_aggregation,
                 effective_aggr_us=aggr_us,
             )
         )
+        self._read_stats(config)
+
+    # -- scheme stats, read on the worker ---------------------------------------------------
+
+    def _read_stats(self, config: ContextConfig) -> None:
+        """Have the worker read the schemes' stats (and effective quotas) from the kernel,
+        if STATS_INTERVAL_S has passed since the last time and none is under way."""
+        now = time.monotonic()
+        recently = now - self._stats_read_at < STATS_INTERVAL_S
+        if not config.schemes or self._reading_stats or recently:
+            return
+        self._reading_stats, self._stats_read_at = True, now
+        quotas = any(s.quotas.limited for s in config.schemes)
+        self._worker.submit(self._stats_from_kernel, len(config.schemes), quotas)
+
+    def _stats_from_kernel(self, nr_schemes: int, quotas: bool) -> None:
+        """On the worker: the update commands (each waits for the kdamond's next sample)
+        and the files. Skipped while another command of damond's is under way (a commit
+        waits for an aggregation): the next snapshot asks again."""
+        stats: Sequence[tuple[int, ...]] | None = None
+        effective: Sequence[int] = [0] * nr_schemes
+        if not self._stopped and self._kernel.commands.acquire(blocking=False):
+            try:
+                stats = self._kdamond.scheme_stats(nr_schemes)
+                if quotas:
+                    effective = self._kdamond.effective_bytes(nr_schemes)
+            except KernelRefused as e:
+                if not self._stopped and str(e) != self._stats_problem:  # said once
+                    log.warning("%s: reading scheme stats: %s", self.name, e)
+                self._stats_problem, stats = str(e), None
+            finally:
+                self._kernel.commands.release()
+        self._from_worker(self._took_stats, stats, effective)
+
+    def _took_stats(
+        self, stats: Sequence[tuple[int, ...]] | None, effective: Sequence[int]
+    ) -> None:
+        self._reading_stats = False
+        if stats is not None and not self._stopped:
+            self._schemes.took_stats(stats, effective)

@@ -15,6 +15,13 @@ relaying a small one).
 aggregations: the kernel emits, at the end of each aggregation, every
 region of target 0, then of target 1, ..., each record saying how many
 regions its target has.
+
+Where the kernel has it, a second instance holds the damos_before_apply
+events (a region a DAMOS scheme is about to act on): its pipes are read
+with the first, and each drain hands a kdamond its tried regions before
+its aggregations, so that an aggregation finds the scheme applications that
+came before it (the kernel applies the schemes just before it reports the
+aggregation).
 """
 
 from __future__ import annotations
@@ -157,7 +164,15 @@ class Watcher(Protocol):
 
     def records(self, ts: np.ndarray, records: Records) -> None: ...
 
+    def tried(self, ts: np.ndarray, records: Records) -> None:
+        """damos_before_apply records of its kdamond, in time order."""
+        ...
+
     def lost(self) -> None: ...
+
+    def lost_tried(self) -> None:
+        """damos_before_apply records were lost: what it holds of them is incomplete."""
+        ...
 
     @property
     def midway(self) -> bool:
@@ -173,10 +188,17 @@ class Watcher(Protocol):
 class Relay:
     """The reader of damond's trace instance, on the event loop, from the first watch."""
 
-    def __init__(self, trace: TraceInstance, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        trace: TraceInstance,
+        loop: asyncio.AbstractEventLoop,
+        tried: TraceInstance | None = None,
+    ) -> None:
         self._trace = trace
+        self._tried = tried if tried is not None and tried.format is not None else None
         self._loop = loop
         self._pipes: list[int] = []
+        self._tried_pipes: list[int] = []
         self._fds: set[int] = set()
         self._watchers: dict[int, Watcher] = {}
         self._orphans: dict[int, list[tuple[np.ndarray, Records]]] = {}
@@ -219,22 +241,31 @@ class Relay:
             self._settling.cancel()
             self._settling = None
         else:
-            for fd in self._pipes:
+            for fd in self._all_pipes:
                 self._loop.remove_reader(fd)
-        for fd in self._pipes:
+        for fd in self._all_pipes:
             os.close(fd)
-        self._pipes = []
+        self._pipes, self._tried_pipes = [], []
+
+    @property
+    def _all_pipes(self) -> list[int]:
+        return self._pipes + self._tried_pipes
 
     def _start(self) -> None:
         if self._pipes:
             return
         self._pipes = self._trace.open_pipes()
-        for fd in self._pipes:
+        if self._tried is not None:
+            try:
+                self._tried_pipes = self._tried.open_pipes()
+            except OSError as e:
+                log.warning("kernel relay: no tried regions of schemes: %s", e)
+        for fd in self._all_pipes:
             self._loop.add_reader(fd, self._settle)
 
     def _settle(self) -> None:
         """Stop listening for SETTLE_S, then read: a kdamond is writing its aggregation."""
-        for fd in self._pipes:
+        for fd in self._all_pipes:
             self._loop.remove_reader(fd)
         self._settling = self._loop.call_later(self._settle_s(), self._settled)
 
@@ -245,13 +276,17 @@ class Relay:
         self._settling = None
         self._drain()
         if self._settling is None:
-            for fd in self._pipes:
+            for fd in self._all_pipes:
                 self._loop.add_reader(fd, self._settle)
 
     def _drain(self) -> None:
         """A CPU's buffer has events: read every CPU's (an aggregation's records may span
-        CPUs when its kdamond moved), and hand them on in time order."""
+        CPUs when its kdamond moved), and hand them on in time order, the tried regions
+        of schemes first. Those are read second: a kdamond may write between the two
+        reads, and what it wrote before an aggregation read must be read too."""
         pages = [page for fd in self._pipes for page in self._trace.read_pipe(fd)]
+        if self._tried is not None and self._tried_pipes:
+            self._drain_tried(self._tried)
         if not pages:
             return
         try:
@@ -265,26 +300,40 @@ class Relay:
         if any(w.midway for w in self._watchers.values()):
             self._settling = self._loop.call_later(self._settle_s(), self._settled)
 
+    def _drain_tried(self, tried: TraceInstance) -> None:
+        pages = [page for fd in self._tried_pipes for page in tried.read_pipe(fd)]
+        if not pages:
+            return
+        try:
+            events = tried.parse(pages)
+        except Exception:
+            log.exception("kernel relay: unreadable trace pages of tried regions")
+            events = None
+        if events is None or events.missed:
+            if events is not None:
+                log.warning("kernel relay: tried regions of schemes were lost (buffer full)")
+            for watcher in list(self._watchers.values()):
+                watcher.lost_tried()
+            if events is None:
+                return
+        for pid, ts, records in _by_kdamond(events, len(self._tried_pipes) > 1):
+            mine = self._watchers.get(pid)
+            if mine is None:
+                continue  # a kdamond damond does not watch (yet): its schemes are not ours
+            try:
+                mine.tried(ts, records)
+            except Exception:
+                log.exception("kernel relay: the monitor of kdamond thread %d failed", pid)
+                mine.lost_tried()
+
     def _dispatch(self, events: Events, several_cpus: bool) -> None:
         if events.missed:
             log.warning("kernel relay: trace events were lost (the kernel's buffer was full)")
             self._orphans.clear()
             for watcher in list(self._watchers.values()):
                 watcher.lost()
-        ts, records = events.ts, events.records
-        if not len(ts):
-            return
-        if several_cpus and len(ts) > 1 and (ts[1:] < ts[:-1]).any():  # back into time order
-            order = np.argsort(ts, kind="stable")
-            ts, records = ts[order], records.take(order)
-        pids = records.field("common_pid")
-        kdamonds = set(pids.tolist())
-        if len(kdamonds) == 1:  # the usual: one kdamond's burst
-            self._hand(kdamonds.pop(), ts, records)
-            return
-        for pid in sorted(kdamonds):
-            mine = pids == pid
-            self._hand(pid, ts[mine], records.take(mine))
+        for pid, ts, records in _by_kdamond(events, several_cpus):
+            self._hand(pid, ts, records)
 
     def _hand(self, pid: int, ts: np.ndarray, records: Records) -> None:
         watcher = self._watchers.get(pid)
@@ -301,3 +350,19 @@ class Relay:
             self._orphans[oldest].pop(0)
             if not self._orphans[oldest]:
                 del self._orphans[oldest]
+
+
+def _by_kdamond(events: Events, several_cpus: bool) -> list[tuple[int, np.ndarray, Records]]:
+    """(kdamond thread pid, times, records) of each kdamond the events are of, each in time
+    order (records of several CPUs' buffers are put back into it)."""
+    ts, records = events.ts, events.records
+    if not len(ts):
+        return []
+    if several_cpus and len(ts) > 1 and (ts[1:] < ts[:-1]).any():
+        order = np.argsort(ts, kind="stable")
+        ts, records = ts[order], records.take(order)
+    pids = records.field("common_pid")
+    kdamonds = set(pids.tolist())
+    if len(kdamonds) == 1:  # the usual: one kdamond's burst
+        return [(kdamonds.pop(), ts, records)]
+    return [(pid, ts[pids == pid], records.take(pids == pid)) for pid in sorted(kdamonds)]

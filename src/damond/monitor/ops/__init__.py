@@ -161,6 +161,13 @@ ACTIONS: tuple[ActionOps, ...] = (
 """The DAMOS actions of the user backend, as process_madvise(2) advice."""
 PROCESS_ACTIONS = tuple(a.name for a in ACTIONS)
 PROCESS_FILTERS = (*CORE_FILTER_TYPES, *madvise.PAGE_FILTERS)
+KERNEL_MADVISE_ACTIONS = ("willneed", "cold", "pageout", "hugepage", "nohugepage", STAT)
+"""What the kernel's vaddr operations do to a region (damos_madvise: MADV_WILLNEED,
+MADV_COLD, MADV_PAGEOUT, MADV_HUGEPAGE, MADV_NOHUGEPAGE), fvaddr's too."""
+KERNEL_PADDR_ACTIONS = ("pageout", "lru_prio", "lru_deprio", STAT)
+"""What the kernel's paddr operations do (reclaim, mark accessed, deactivate)."""
+KERNEL_PADDR_FILTERS = ("anon", "memcg", "young", *CORE_FILTER_TYPES)
+"""paddr checks the per page filters of each folio (damos_pa_filter_out)."""
 
 VADDR = Operations(
     "vaddr",
@@ -172,6 +179,7 @@ VADDR = Operations(
     access_checks=("page_idle", "soft_dirty", "clear_refs"),
     actions=PROCESS_ACTIONS,
     filter_types=PROCESS_FILTERS,
+    kernel_actions=KERNEL_MADVISE_ACTIONS,
 )
 FVADDR = Operations(
     "fvaddr",
@@ -183,6 +191,7 @@ FVADDR = Operations(
     access_checks=("page_idle", "soft_dirty", "clear_refs"),
     actions=PROCESS_ACTIONS,
     filter_types=PROCESS_FILTERS,
+    kernel_actions=KERNEL_MADVISE_ACTIONS,
 )
 PADDR = Operations(
     "paddr",
@@ -192,6 +201,8 @@ PADDR = Operations(
     needs_regions=False,
     space=lambda processes: PaddrSpace(),
     access_checks=("page_idle",),
+    kernel_actions=KERNEL_PADDR_ACTIONS,
+    kernel_filter_types=KERNEL_PADDR_FILTERS,
 )
 OPERATIONS: tuple[Operations, ...] = (VADDR, FVADDR, PADDR)
 

@@ -111,7 +111,15 @@ class Operations:
     """The DAMOS actions the user backend can do to its targets (where the host allows:
     each action's ActionOps probe)."""
     filter_types: tuple[str, ...] = CORE_FILTER_TYPES
-    """The DAMOS filter types it honours: the core's (per region) and its own (per page)."""
+    """The DAMOS filter types the user backend honours: the core's (per region) and its
+    own (per page)."""
+    kernel_actions: tuple[str, ...] = (STAT,)
+    """The DAMOS actions the kernel's own operations set of this name does (Linux 6.12's
+    damon_va_apply_scheme, damon_pa_apply_scheme); its sysfs takes the others too, and
+    they then do nothing. The kernel backend asks it (with what the kernel's sysfs offers)."""
+    kernel_filter_types: tuple[str, ...] = CORE_FILTER_TYPES
+    """The DAMOS filter types the kernel honours for it: the core's, and the per page ones
+    its actions check (paddr's damos_pa_filter_out; vaddr's madvise checks none)."""
 
 
 class Actions(Protocol):

@@ -31,7 +31,13 @@ import json
 import logging
 import os
 
-from damond.monitor.ops.damon_sysfs import AdminFiles, KdamondDir, SysfsError, running_dirs
+from damond.monitor.ops.damon_sysfs import (
+    AdminFiles,
+    Damos,
+    KdamondDir,
+    SysfsError,
+    running_dirs,
+)
 from damond.monitor.ops.damon_trace import TraceError, TraceInstance
 
 log = logging.getLogger(__name__)
@@ -53,15 +59,21 @@ class Claim:
         trace: TraceInstance,
         run_dir: str = RUN_DIR,
         pool_size: int = POOL_SIZE,
+        tried: TraceInstance | None = None,
     ) -> None:
         self.files = files
         self.trace = trace
+        self.tried = tried
+        """The instance of the damos_before_apply event, made with the claim where the
+        kernel has the event (the tried regions of schemes); None: never."""
         self.run_dir = run_dir
         self.pool_size = pool_size
         self.dirs: list[KdamondDir] = []
         """The pool while claimed; [] otherwise."""
         self.avail_operations: list[str] = []
         """What the kernel's DAMON offers (read from the pool's first context)."""
+        self.damos = Damos()
+        """What its DAMOS sysfs takes (probed in the pool's first kdamond directory)."""
         self.reason = "not claimed"
         """'' while claimed, else why there is no claim."""
         self._free: list[KdamondDir] = []
@@ -121,6 +133,8 @@ class Claim:
                 return f"kernel DAMON sysfs in use: {NR} is {nr}"
             self._write_record()
         self.trace.create()
+        if self.tried is not None and self.tried.kernel_has_event():
+            self.tried.create()
         # one write makes the whole pool; the kernel refuses it while any kdamond runs,
         # and clears every directory it had: a recovered pool starts clean too
         self.files.write(NR, self.pool_size)
@@ -128,6 +142,9 @@ class Claim:
         for d in self.dirs:
             d.prepare()
         self.avail_operations = self.dirs[0].avail_operations()
+        self.damos = self.dirs[0].probe_damos()
+        if self.damos.reason:
+            log.warning("no DAMOS schemes on the kernel backend: %s", self.damos.reason)
         self._free = list(self.dirs)
         log.info(
             "claimed the kernel DAMON sysfs at %s: %d kdamonds%s (record %s)",
@@ -240,10 +257,13 @@ class Claim:
         log.info("gave the kernel DAMON sysfs at %s back", self.files.root)
 
     def _close_trace(self) -> None:
-        try:
-            self.trace.remove()
-        except TraceError as e:
-            log.warning("%s", e)
+        for trace in (self.trace, self.tried):
+            if trace is None:
+                continue
+            try:
+                trace.remove()
+            except TraceError as e:
+                log.warning("%s", e)
 
     # -- files of the claim -----------------------------------------------------------------
 
@@ -288,6 +308,7 @@ class Claim:
             "nr_kdamonds": self.pool_size,
             "pid": os.getpid(),
             "trace_instance": self.trace.path,
+            "tried_instance": self.tried.path if self.tried is not None else None,
         }
         tmp = f"{self.record_path}.tmp"
         with open(tmp, "w") as f:

@@ -10,13 +10,28 @@ The interface (Documentation/admin-guide/mm/damon/usage.rst, mm/damon/sysfs.c)::
     .../contexts/0/monitoring_attrs/nr_regions/{min, max}
     .../contexts/0/targets/nr_targets, targets/T/pid_target
     .../contexts/0/targets/T/regions/nr_regions, regions/R/{start, end}
-    .../contexts/0/schemes/nr_schemes, schemes/S/...
+    .../contexts/0/schemes/nr_schemes, schemes/S/{action, apply_interval_us}
+    .../schemes/S/access_pattern/{sz, nr_accesses, age}/{min, max}
+    .../schemes/S/quotas/{ms, bytes, reset_interval_ms, effective_bytes}
+    .../schemes/S/quotas/weights/{sz_permil, nr_accesses_permil, age_permil}
+    .../schemes/S/watermarks/{metric, interval_us, high, mid, low}
+    .../schemes/S/filters/nr_filters, filters/F/{type, matching, allow (6.14+),
+        memcg_path, addr_start, addr_end, damon_target_idx}
+    .../schemes/S/stats/{nr_tried, sz_tried, nr_applied, sz_applied, qt_exceeds}
 
 Files are staged values: writing them changes nothing that runs; `state on`
 builds the kernel's context from them (and refuses it with EINVAL), `state
 commit` hands them to the running kdamond at its next aggregation. Every `nr`
 file and `state` take a global lock with trylock and answer EBUSY while
 anyone else holds it, for a moment: such writes are retried briefly here.
+
+A scheme's files are damond's SchemeConfig one for one (docs/dbus-api.md),
+and every one of them is written, defaults too: a new scheme directory of
+the kernel starts from values of its own (an access pattern that matches
+nothing, for one), never from damond's. Its stats and effective quota are
+copied into the files only by a `state` command (update_schemes_stats,
+update_schemes_effective_quotas) that the kdamond carries out at its next
+sample, the writer waiting in 100 ms steps as for a commit.
 
 Nothing here decides whether damond may write a tree: that is the claim's
 (damon_claim.py). A context is written from the frozen ContextConfig the
@@ -25,13 +40,22 @@ core validated, so the kernel sees only what damond's rules already allow.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
-from damond.monitor.config import ContextConfig, TargetConfig
+from damond.monitor.config import (
+    ACTIONS,
+    FILTER_TYPES,
+    ContextConfig,
+    FilterConfig,
+    SchemeConfig,
+    TargetConfig,
+)
 from damond.monitor.ops import paddr
 from damond.monitor.ops.base import KernelRefused
 
@@ -41,6 +65,30 @@ BUSY_RETRY_S = 2.0
 BUSY_PAUSE_S = 0.001
 
 T = TypeVar("T")
+
+PATTERN_FILES = (
+    ("sz", "sz_min", "sz_max"),
+    ("nr_accesses", "nr_accesses_min", "nr_accesses_max"),
+    ("age", "age_min", "age_max"),
+)
+"""access_pattern/NAME/{min, max} and the AccessPattern fields they hold."""
+QUOTA_FILES = (
+    ("ms", "ms"),
+    ("bytes", "bytes"),
+    ("reset_interval_ms", "reset_interval_ms"),
+    ("weights/sz_permil", "weight_sz"),
+    ("weights/nr_accesses_permil", "weight_nr_accesses"),
+    ("weights/age_permil", "weight_age"),
+)
+"""quotas/FILE and the Quotas field it holds."""
+WATERMARK_FILES = ("metric", "interval_us", "high", "mid", "low")
+STATS_FILES = ("nr_tried", "sz_tried", "nr_applied", "sz_applied", "qt_exceeds")
+FILTER_FIELD_FILES = {
+    "memcg": (("memcg_path", "memcg_path"),),
+    "addr": (("addr_start", "addr_start"), ("addr_end", "addr_end")),
+    "target": (("damon_target_idx", "target_idx"),),
+}
+"""The files of a filter's type besides type, matching and allow, and their fields."""
 
 WriteFault = Callable[[str, str], int | None]
 """(file relative to the admin root, value) -> an errno to fail with instead (tests only)."""
@@ -105,6 +153,20 @@ class AdminFiles:
                 raise SysfsError(rel, code, value) from None
 
 
+@dataclass(frozen=True)
+class Damos:
+    """What this kernel's DAMOS sysfs takes (KdamondDir.probe_damos)."""
+
+    actions: tuple[str, ...] = ()
+    """Of damond's action names, those the kernel's `action` file takes."""
+    filter_types: tuple[str, ...] = ()
+    """Of damond's filter types, those a filter's `type` file takes."""
+    filter_allow: bool = False
+    """Filters have an `allow` file (Linux 6.14+); without it a filter only rejects."""
+    reason: str = "not probed"
+    """'' once probed; else why nothing is known (no schemes directory, a refusal)."""
+
+
 class KdamondDir:
     """One kdamond directory (``kdamonds/K``) with one context, written from a ContextConfig."""
 
@@ -137,6 +199,91 @@ class KdamondDir:
         self.files.write(f"{ctx}/targets/nr_targets", len(config.targets))
         for target in config.targets:
             self._write_target(config, target)
+        if config.schemes or self.files.exists(f"{ctx}/schemes/nr_schemes"):
+            self.files.write(f"{ctx}/schemes/nr_schemes", len(config.schemes))
+        for scheme in config.schemes:
+            self._write_scheme(scheme)
+
+    def scheme(self, index: int) -> str:
+        return f"{self.context}/schemes/{index}"
+
+    def _write_scheme(self, scheme: SchemeConfig) -> None:
+        """Every file of the scheme (the kernel's defaults are not damond's)."""
+        path = self.scheme(scheme.index)
+        self.files.write(f"{path}/action", scheme.action)
+        self.files.write(f"{path}/apply_interval_us", scheme.apply_interval_us)
+        for name, lo, hi in PATTERN_FILES:
+            self.files.write(f"{path}/access_pattern/{name}/min", getattr(scheme.pattern, lo))
+            self.files.write(f"{path}/access_pattern/{name}/max", getattr(scheme.pattern, hi))
+        for name, field in QUOTA_FILES:
+            self.files.write(f"{path}/quotas/{name}", getattr(scheme.quotas, field))
+        for name in WATERMARK_FILES:
+            self.files.write(f"{path}/watermarks/{name}", getattr(scheme.watermarks, name))
+        self.files.write(f"{path}/filters/nr_filters", len(scheme.filters))
+        for i, f in enumerate(scheme.filters):
+            self._write_filter(f"{path}/filters/{i}", f)
+
+    def _write_filter(self, path: str, f: FilterConfig) -> None:
+        self.files.write(f"{path}/type", f.type)
+        self.files.write(f"{path}/matching", _flag(f.matching))
+        if f.allow or self.files.exists(f"{path}/allow"):  # a kernel without it only rejects
+            self.files.write(f"{path}/allow", _flag(f.allow))
+        for name, field in FILTER_FIELD_FILES.get(f.type, ()):
+            self.files.write(f"{path}/{name}", getattr(f, field))
+
+    def command(self, name: str) -> None:
+        """A `state` command for the running kdamond (update_schemes_stats, ...). Blocks
+        until the kdamond has carried it out: at its next sample, checked in 100 ms steps."""
+        self.files.write(f"{self.path}/state", name)
+
+    def scheme_stats(self, nr_schemes: int) -> list[tuple[int, ...]]:
+        """The stats of the first nr_schemes schemes, brought up to date
+        (STATS_FILES' values, each a tuple in that order)."""
+        self.command("update_schemes_stats")
+        return [
+            tuple(self.files.read_int(f"{self.scheme(i)}/stats/{name}") for name in STATS_FILES)
+            for i in range(nr_schemes)
+        ]
+
+    def effective_bytes(self, nr_schemes: int) -> list[int]:
+        """The size quota in force of each of the first nr_schemes schemes, up to date."""
+        self.command("update_schemes_effective_quotas")
+        return [
+            self.files.read_int(f"{self.scheme(i)}/quotas/effective_bytes")
+            for i in range(nr_schemes)
+        ]
+
+    def probe_damos(self) -> Damos:
+        """What the kernel's DAMOS sysfs takes, asked in this (off, unused) directory:
+        each action and filter type damond knows is written once (EINVAL: not taken),
+        and whether a filter has `allow`; it is left with no scheme."""
+        schemes = f"{self.context}/schemes"
+        if not self.files.exists(f"{schemes}/nr_schemes"):
+            return Damos(reason="the kernel's DAMON sysfs has no schemes directory")
+        try:
+            self.files.write(f"{schemes}/nr_schemes", 1)
+            actions = self._taken(f"{schemes}/0/action", ACTIONS)
+            self.files.write(f"{schemes}/0/filters/nr_filters", 1)
+            types = self._taken(f"{schemes}/0/filters/0/type", FILTER_TYPES)
+            allow = self.files.exists(f"{schemes}/0/filters/0/allow")
+        except SysfsError as e:
+            return Damos(reason=f"probing the kernel's DAMOS: {e}")
+        finally:
+            with contextlib.suppress(SysfsError):
+                self.files.write(f"{schemes}/nr_schemes", 0)
+        return Damos(actions, types, allow, reason="")
+
+    def _taken(self, rel: str, values: Sequence[str]) -> tuple[str, ...]:
+        taken = []
+        for value in values:
+            try:
+                self.files.write(rel, value)
+            except SysfsError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                continue
+            taken.append(value)
+        return tuple(taken)
 
     def _write_target(self, config: ContextConfig, target: TargetConfig) -> None:
         path = f"{self.context}/targets/{target.index}"
@@ -167,6 +314,10 @@ class KdamondDir:
     def pid(self) -> int:
         """The kdamond thread's pid while on, -1 while off."""
         return self.files.read_int(f"{self.path}/pid")
+
+
+def _flag(value: bool) -> str:
+    return "Y" if value else "N"
 
 
 def _default_regions(config: ContextConfig) -> list[tuple[int, int]]:

@@ -64,6 +64,17 @@ _RECORD_HEAD = struct.Struct("<II")
 FIELDS: tuple[str, ...] = ("common_type", "common_pid", "target_id", "nr_regions", "start")
 FIELDS += ("end", "nr_accesses", "age")
 """What damond reads of each damon_aggregated record, in the kernel's order."""
+TRIED_INSTANCE = "damond-damos"
+TRIED_EVENT = "damon/damos_before_apply"
+TRIED_FIELDS: tuple[str, ...] = ("common_type", "common_pid", "scheme_idx", "target_idx")
+TRIED_FIELDS += ("start", "end", "nr_accesses", "age")
+"""What damond reads of each damos_before_apply record (Linux 6.12 has the event): a
+region a DAMOS scheme is about to act on, with its scheme's and target's indices;
+nr_accesses is the moving sum DAMOS compares (nr_accesses_bp / 10000), as in the sysfs
+tried_regions."""
+TRIED_BUFFER_KB = 256
+"""Per CPU ring buffer of the tried regions' instance: a pass of a scheme over 1000
+regions writes 56 KB, and the relay reads at every aggregation."""
 
 _FIELD = re.compile(
     r"field:(?P<decl>[^;]*);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);"
@@ -102,10 +113,13 @@ class EventFormat:
             raise TraceError("the event's format has no ID")
         names, formats, offsets = [], [], []
         size_of_all = 0
+        align = 4
         for m in _FIELD.finditer(text):
             name = m["decl"].split()[-1]
             offset, size = int(m["offset"]), int(m["size"])
             size_of_all = max(size_of_all, offset + size)
+            if size in (1, 2, 4, 8):
+                align = max(align, size)
             if name in fields and size in (1, 2, 4, 8):
                 names.append(name)
                 formats.append(f"<{'i' if m['signed'] == '1' else 'u'}{size}")
@@ -113,7 +127,9 @@ class EventFormat:
         missing = set(fields) - set(names)
         if missing:
             raise TraceError(f"the event's format lacks {', '.join(sorted(missing))}")
-        itemsize = -(-size_of_all // 4) * 4
+        # the record is the kernel's struct, padded at its end to its widest field's
+        # alignment (damos_before_apply: 52 bytes of fields, 56 of record)
+        itemsize = -(-size_of_all // align) * align
         dtype = np.dtype(
             {"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize}
         )
@@ -356,9 +372,7 @@ class _NeedsWalk(Exception):
     """Pages the joined parse does not handle: parse them one by one."""
 
 
-def parse_pages(
-    pages: list[bytes], fmt: EventFormat, layout: PageLayout = PageLayout()
-) -> Events:
+def parse_pages(pages: list[bytes], fmt: EventFormat, layout: PageLayout = PageLayout()) -> Events:
     """The records of fmt's event in pages read from trace_pipe_raw, in the pages' order.
 
     The runs of records are found by reading a few headers per run (struct),
@@ -416,17 +430,33 @@ def probe(tracefs: str = TRACEFS) -> str:
 
 
 class TraceInstance:
-    """damond's tracefs instance: its own ring buffer with damon_aggregated enabled."""
+    """A tracefs instance of damond's: its own ring buffer with one event enabled
+    (damon_aggregated; a second instance has damos_before_apply, so that each buffer
+    holds one kind of record and is read in whole runs)."""
 
-    def __init__(self, tracefs: str = TRACEFS, name: str = INSTANCE) -> None:
+    def __init__(
+        self,
+        tracefs: str = TRACEFS,
+        name: str = INSTANCE,
+        event: str = EVENT,
+        fields: tuple[str, ...] = FIELDS,
+        buffer_kb: int | None = None,
+    ) -> None:
         self.tracefs = tracefs
         self.name = name
         self.path = f"{tracefs}/instances/{name}"
+        self.event = event
+        self.fields = fields
+        self.buffer_kb = buffer_kb
+        """Its per CPU buffer size; None: tracefs's default."""
         self.format: EventFormat | None = None
         self.layout = PageLayout()
 
     def exists(self) -> bool:
         return os.path.isdir(self.path)
+
+    def kernel_has_event(self) -> bool:
+        return os.path.exists(f"{self.tracefs}/events/{self.event}/format")
 
     def create(self) -> None:
         """Make the instance (or take back damond's own from before a crash) and enable
@@ -441,10 +471,12 @@ class TraceInstance:
         self._write("trace_clock", TRACE_CLOCK)
         if os.path.exists(f"{self.path}/buffer_percent"):
             self._write("buffer_percent", "0")  # wake the reader at the first event, not half full
+        if self.buffer_kb is not None:
+            self._write("buffer_size_kb", str(self.buffer_kb))
         self.clear()
-        self._write(f"events/{EVENT}/enable", "1")
+        self._write(f"events/{self.event}/enable", "1")
         self._write("tracing_on", "1")
-        self.format = EventFormat.parse(self._read(f"events/{EVENT}/format"))
+        self.format = EventFormat.parse(self._read(f"events/{self.event}/format"), self.fields)
         self.layout = PageLayout.parse(self._read_top("events/header_page"), self._page_size())
 
     def clear(self) -> None:
@@ -476,7 +508,7 @@ class TraceInstance:
         return fds
 
     def parse(self, pages: list[bytes]) -> Events:
-        """The damon_aggregated records of pages read from this instance."""
+        """The records of its event in pages read from this instance."""
         assert self.format is not None, "create() first"
         return parse_pages(pages, self.format, self.layout)
 
@@ -500,6 +532,7 @@ class TraceInstance:
 
     def remove(self) -> None:
         """Disable the event and remove the instance (its readers must be closed first)."""
+        self.format = None
         if not self.exists():
             return
         try:
