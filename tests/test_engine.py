@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from damond.monitor import ops
-from damond.monitor.config import PAGE_SIZE, Attrs, ContextConfig, TargetConfig
+from damond.monitor.config import PAGE_SIZE, Attrs, ContextConfig, SchemeConfig, TargetConfig
 from damond.monitor.engine import Engine
 from damond.monitor.ops.synthetic import SyntheticAccess, SyntheticSpace
 from damond.monitor.regions import Regions, evenly_split, set_regions
@@ -496,10 +496,83 @@ def test_split_uses_three_pieces_only_when_the_count_settled(monkeypatch) -> Non
 def test_sampling_addresses_are_random_pages_of_each_region() -> None:
     r = Regions.build([0, 100 * P], [100 * P, 101 * P])
     rng = np.random.default_rng(0)
-    seen = {int(r.pick_sampling_addrs(rng)[0]) for _ in range(200)}
+    seen = {int(r.pick_sampling_addrs(rng.random(2))[0]) for _ in range(200)}
     assert all(a % P == 0 and 0 <= a < 100 * P for a in seen)
     assert len(seen) > 50
-    assert set(r.pick_sampling_addrs(rng).tolist()) >= {100 * P}
+    assert set(r.pick_sampling_addrs(rng.random(2)).tolist()) >= {100 * P}
+
+
+class SamplingAccess(SyntheticAccess):
+    """SyntheticAccess that offers the engine's fast path (ops/base.py, TargetSampler):
+    a sampler per target that picks as pick_sampling_addrs and answers as check does."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.samplers: list[Sampler] = []
+
+    def sampler(self, target: TargetConfig) -> Sampler:
+        self.samplers.append(Sampler(self, target))
+        return self.samplers[-1]
+
+
+class Sampler:
+    def __init__(self, access: SyntheticAccess, target: TargetConfig) -> None:
+        self.access, self.target, self.closed = access, target, False
+        self.addrs: np.ndarray | None = None
+
+    def prepare(self, starts: np.ndarray, ends: np.ndarray, u: np.ndarray, offset: int) -> None:
+        regions = Regions.build(starts, ends)
+        self.addrs = regions.pick_sampling_addrs(u[offset : offset + len(starts)])
+        self.access.prepare(self.target, self.addrs)
+
+    def check(self, nr_accesses: np.ndarray) -> None:
+        assert self.addrs is not None and nr_accesses.dtype == np.uint32
+        nr_accesses += self.access.check(self.target, self.addrs)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+SECOND: list[Range] = [(0x10000000, 0x10000000 + 60 * MiB)]
+
+
+def sampled_pair(access: SyntheticAccess, schemes: Sequence[SchemeConfig] = ()) -> Engine:
+    ranges = {0: PROCESS_RANGES, 1: SECOND}
+    targets = (TargetConfig(0, pid=100), TargetConfig(1, pid=101))
+    attrs = Attrs(min_nr_regions=13, max_nr_regions=60)
+    config = ContextConfig(ops.VADDR, "synthetic", attrs, targets, tuple(schemes))
+    engine = Engine(config, SyntheticSpace(ranges), access, rng=np.random.default_rng(3))
+    engine.start()
+    return engine
+
+
+def regions_seen(engine: Engine, nr_aggregations: int) -> list[list[list[int]]]:
+    return [
+        [t.starts.tolist() + t.ends.tolist() + t.nr_accesses.tolist() for t in s.targets]
+        for s in run(engine, nr_aggregations)
+    ]
+
+
+def test_a_targets_sampler_sees_what_prepare_and_check_see() -> None:
+    """The fast path gets the reference's uniforms: the same pages, the same counts."""
+    hot = fraction_of(PROCESS_RANGES, 0.0, 0.2) + fraction_of(SECOND, 0.3, 0.6)
+    reference = sampled_pair(SyntheticAccess(hot, probability=0.7, seed=5))
+    access = SamplingAccess(hot, probability=0.7, seed=5)
+    fast = sampled_pair(access)
+    assert regions_seen(fast, 12) == regions_seen(reference, 12)
+    assert [s.target.index for s in access.samplers] == [0, 1]
+    fast.close()
+    assert all(s.closed for s in access.samplers)
+
+
+def test_uniforms_drawn_ahead_leave_the_splits_their_numbers() -> None:
+    """Uniforms are drawn in blocks that end where a scheme applies (nothing drawn ahead
+    is thrown away), so a scheme that changes no region changes no split."""
+    hot = fraction_of(PROCESS_RANGES, 0.0, 0.2) + fraction_of(SECOND, 0.3, 0.6)
+    alone = sampled_pair(SyntheticAccess(hot, probability=0.7, seed=5))
+    stat = SchemeConfig(0, apply_interval_us=35_000)  # 7 samples: inside an aggregation
+    with_scheme = sampled_pair(SyntheticAccess(hot, probability=0.7, seed=5), [stat])
+    assert regions_seen(with_scheme, 12) == regions_seen(alone, 12)
 
 
 def test_snapshot_fields_and_copies() -> None:

@@ -27,6 +27,7 @@ from ops_helpers import ChildProcess, assert_gone, registry_with  # tests/ops_he
 from damond.monitor import ops
 from damond.monitor.config import TargetConfig
 from damond.monitor.ops import page_idle as pi
+from damond.monitor.regions import Regions
 
 HEAD, TAIL, LRU = pi.KPF_COMPOUND_HEAD, pi.KPF_COMPOUND_TAIL, pi.KPF_LRU
 PAGE = pi.KERNEL_PAGE
@@ -635,3 +636,150 @@ def test_without_the_c_module_the_python_path_runs_and_says_so() -> None:
     assert "refused: page_idle: the C module is not built" in done.stdout
     warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "sampling in Python instead" in warnings[0], done.stderr
+
+
+# --- the engine's fast path: a whole sample of a target in C ----------------------------------
+
+
+def sampled_regions(start: int) -> Regions:
+    """64 regions of 1 to 40 pages, half over the child's resident 8 MiB, half over the
+    untouched 8 MiB after it."""
+    rng = np.random.default_rng(11)
+    starts = start + np.arange(64, dtype=np.uint64) * u64(64 * PAGE)
+    ends = starts + rng.integers(1, 41, 64).astype(np.uint64) * u64(PAGE)
+    return Regions.build(starts, ends)
+
+
+def marked_by(sampler: Any) -> tuple[list[int], list[int]]:
+    """The addresses a sampler picked and the heads it marked, in its last prepare."""
+    addrs, heads = sampler.marked()
+    return np.frombuffer(addrs, np.uint64).tolist(), np.frombuffer(heads, np.uint64).tolist()
+
+
+@needs_c
+def test_the_sampler_picks_and_counts_as_the_reference(child: Child, tmp_path: Path) -> None:
+    """From the same uniforms: the pages pick_sampling_addrs picks, the heads and bitmap
+    words prepare() marks, and per region the answers check() gives, added up."""
+    regions = sampled_regions(child.start)
+    n = len(regions)
+    uniforms = np.random.default_rng(7).random(3 * n + 5)
+    bitmaps = tmp_path / "python", tmp_path / "c"
+    for path in bitmaps:
+        path.write_bytes(b"")
+    python = pi.PageIdleAccess(bitmap=str(bitmaps[0]), native=False)
+    native = pi.PageIdleAccess(bitmap=str(bitmaps[1]), native=True)
+    sampler = native.sampler(child.target)
+    assert sampler is not None and python.sampler(child.target) is None
+    counts, expected = np.zeros(n, np.uint32), np.zeros(n, np.uint32)
+    try:
+        for offset in (0, n + 5, 2 * n + 5):
+            addrs = regions.pick_sampling_addrs(uniforms[offset : offset + n])
+            python.prepare(child.target, addrs)
+            sampler.prepare(regions.starts, regions.ends, uniforms, offset)
+            heads = python.marked(child.target)
+            assert marked_by(sampler) == (addrs.tolist(), heads.tolist())
+            assert bitmaps[0].read_bytes() == bitmaps[1].read_bytes()
+            known = heads[heads != u64(pi.NO_HEAD)]
+            assert 0 < len(known) < n  # the resident half is trackable, the rest is not
+            for path in bitmaps:
+                clear_bits(path, known[offset % 3 :: 3])  # the kernel saw these accessed
+            expected += python.check(child.target, addrs)
+            sampler.check(counts)
+            assert counts.tolist() == expected.tolist()
+        assert 0 < expected.sum() < 3 * n
+    finally:
+        sampler.close()
+        python.close()
+        native.close()
+
+
+@needs_c
+def test_the_sampler_picks_inside_enormous_regions_too(tmp_path: Path) -> None:
+    """Where a float product can round up to the page count, both stay inside the region
+    (physical addresses far beyond memory: nothing to mark, only the picking counts)."""
+    bitmap = tmp_path / "bitmap"
+    bitmap.write_bytes(b"")
+    starts = arr(1 << 40, 1 << 44, 1 << 46, (1 << 62) + PAGE)
+    ends = starts + arr(PAGE, 3 * PAGE, (1 << 45) + PAGE, 1 << 61)
+    regions = Regions.build(starts, ends)
+    access = pi.PageIdleAccess(bitmap=str(bitmap), native=True)
+    sampler = access.sampler(TargetConfig(0, -1))
+    assert sampler is not None
+    try:
+        for u in (0.0, 0.5, np.nextafter(1.0, 0.0)):
+            uniforms = np.full(len(regions), u)
+            sampler.prepare(regions.starts, regions.ends, uniforms, 0)
+            picked, heads = marked_by(sampler)
+            assert picked == regions.pick_sampling_addrs(uniforms).tolist()
+            assert all(s <= a < e for s, a, e in zip(starts, picked, ends, strict=True))
+            assert heads == [pi.NO_HEAD] * len(regions)
+            counts = np.zeros(len(regions), np.uint32)
+            sampler.check(counts)
+            assert not counts.any()
+    finally:
+        sampler.close()
+        access.close()
+
+
+@needs_c
+@pytest.mark.parametrize("how", ["zombie", "reaped"])
+def test_a_sampled_target_that_exits_is_gone(child: Child, bitmap: Path, how: str) -> None:
+    regions = sampled_regions(child.start)
+    uniforms = np.zeros(len(regions))
+    access = pi.PageIdleAccess(bitmap=str(bitmap), native=True)
+    sampler = access.sampler(child.target)
+    assert sampler is not None
+    try:
+        sampler.prepare(regions.starts, regions.ends, uniforms, 0)
+        child.exit_unreaped() if how == "zombie" else child.reap()
+        with pytest.raises(ops.TargetGone):
+            sampler.check(np.zeros(len(regions), np.uint32))
+        with pytest.raises(ops.TargetGone):
+            sampler.prepare(regions.starts, regions.ends, uniforms, 0)
+    finally:
+        sampler.close()
+        access.close()
+
+
+@needs_c
+def test_the_sampler_reopens_the_pagemap_after_the_target_execs(child: Child, bitmap: Path) -> None:
+    access = pi.PageIdleAccess(bitmap=str(bitmap), native=True)
+    sampler = access.sampler(child.target)
+    assert sampler is not None
+    try:
+        child.send("exec")
+        maps = Path(f"/proc/{child.proc.pid}/maps").read_text().split("\n")[0]
+        text = int(maps.split("-")[0], 16)
+        starts = text + np.arange(4, dtype=np.uint64) * u64(PAGE)  # the new image's text
+        sampler.prepare(starts, starts + u64(PAGE), np.zeros(4), 0)
+        assert bitmap_bits(bitmap, pfns_of(child.proc.pid, starts)).any()
+    finally:
+        sampler.close()
+        access.close()
+
+
+@needs_c
+def test_the_sampler_refuses_what_does_not_fit(child: Child, bitmap: Path) -> None:
+    regions = sampled_regions(child.start)
+    n = len(regions)
+    access = pi.PageIdleAccess(bitmap=str(bitmap), native=True)
+    sampler = access.sampler(child.target)
+    assert sampler is not None
+    try:
+        with pytest.raises(RuntimeError, match="without a prepare"):
+            sampler.check(np.zeros(n, np.uint32))
+        with pytest.raises(ValueError, match="uniforms 2 to 66 of 65"):
+            sampler.prepare(regions.starts, regions.ends, np.zeros(n + 1), 2)
+        with pytest.raises(TypeError, match="starts: want a contiguous array"):
+            sampler.prepare(regions.starts.astype(np.int32), regions.ends, np.zeros(n), 0)
+        sampler.prepare(regions.starts, regions.ends, np.zeros(n), 0)
+        with pytest.raises(TypeError, match="nr_accesses"):
+            sampler.check(np.zeros(n, np.uint64))
+        with pytest.raises(ValueError, match="3 regions, 64 prepared"):
+            sampler.check(np.zeros(3, np.uint32))
+        sampler.close()
+        with pytest.raises(ValueError, match="closed"):
+            sampler.prepare(regions.starts, regions.ends, np.zeros(n), 0)
+    finally:
+        sampler.close()
+        access.close()

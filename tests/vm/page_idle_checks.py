@@ -372,24 +372,37 @@ def check_registry() -> dict[str, Any]:
 
 def both_paths(c: Child, target: TargetConfig, addrs: np.ndarray) -> dict[str, Any]:
     """The Python and C sample paths on the same pages: each prepares (marking the same
-    pages), the child writes the first half, each checks; then a sample with no write."""
+    pages), the child writes the first half, each checks; then a sample with no write.
+    The engine's fast path (the C path's Sampler) takes part too, on one-page regions
+    that hold the same pages: its heads and per-region counts must be the same."""
     python = pi.PageIdleAccess(native=False)
     native = pi.PageIdleAccess(native=True)
+    sampler = native.sampler(target)
+    assert sampler is not None
+    starts = addrs - addrs % np.uint64(PAGE)
+    ends = starts + np.uint64(PAGE)
     out: dict[str, Any] = {"sampled": len(addrs)}
     try:
         for name, between in (("touched", c.touch), ("quiet", lambda: None)):
             python.prepare(target, addrs)
             native.prepare(target, addrs)
+            sampler.prepare(starts, ends, np.zeros(len(addrs)), 0)
             heads = python.marked(target), native.marked(target)
+            sampler_heads = np.frombuffer(sampler.marked()[1], dtype=np.uint64)
             between()
             answers = python.check(target, addrs), native.check(target, addrs)
+            counts = np.zeros(len(addrs), dtype=np.uint32)
+            sampler.check(counts)
             out[name] = {
                 "heads_differ": int(np.count_nonzero(heads[0] != heads[1])),
+                "sampler_heads_differ": int(np.count_nonzero(heads[0] != sampler_heads)),
                 "untrackable": int(np.count_nonzero(heads[0] == np.uint64(pi.NO_HEAD))),
                 "answers_differ": int(np.count_nonzero(answers[0] != answers[1])),
+                "sampler_answers_differ": int(np.count_nonzero(answers[0] != counts)),
                 "accessed": int(answers[0].sum()),
             }
     finally:
+        sampler.close()
         python.close()
         native.close()
     return out

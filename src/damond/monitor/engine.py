@@ -19,13 +19,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from damond.monitor.config import PAGE_SIZE, Attrs, ContextConfig, TargetConfig
-from damond.monitor.ops.base import AccessCheck, Actions, AddressSpace, TargetGone
+from damond.monitor.ops.base import (
+    AccessCheck,
+    Actions,
+    AddressSpace,
+    TargetGone,
+    TargetSampler,
+    sampler_of,
+)
 from damond.monitor.ops.meminfo import free_mem_rate
 from damond.monitor.regions import Regions, evenly_split, set_regions
 from damond.monitor.schemes import Schemes
 from damond.monitor.snapshot import Snapshot, TargetSnapshot
 
 _log = logging.getLogger(__name__)
+
+UNIFORMS_MAX = 1 << 16
+"""Uniforms drawn at once at most (512 KiB): a block covers the samples until the
+regions may change next, unless regions × samples are more than this."""
 
 
 def realtime_us() -> int:
@@ -44,6 +55,10 @@ def _validated(config: ContextConfig) -> ContextConfig:
 class _Target:
     config: TargetConfig
     regions: Regions
+    sampler: TargetSampler | None = None
+    """The access check's fast path for this target (ops/base.py), or None."""
+    column: int = 0
+    """Where this target's regions start in a row of the engine's uniforms."""
 
 
 class Engine:
@@ -82,6 +97,14 @@ class Engine:
         self._sz_limit = PAGE_SIZE
         self._last_nr_regions = 0
         """kdamond_split_regions' static last_nr_regions."""
+        self._uniforms = np.empty(0)
+        """Rows of uniforms that pick the sampled pages, one row per sample (_draw)."""
+        self._rows = 0
+        """Rows in _uniforms; 0 once the regions changed (draw anew)."""
+        self._row = 0
+        """The next sample's row."""
+        self._width = 0
+        """Uniforms per row: the regions of all targets."""
 
     @property
     def config(self) -> ContextConfig:
@@ -109,6 +132,7 @@ class Engine:
     def start(self) -> None:
         """kdamond_init_ctx + ops.init: counters to zero, initial regions for every target."""
         attrs = self._config.attrs
+        self._release(self._targets)
         self._targets = []
         self._gone = {}
         for tc in self._config.targets:
@@ -122,6 +146,7 @@ class Engine:
         self._seq = 0
         self._last_nr_regions = 0
         self._sz_limit = self._region_sz_limit()
+        self._rows = 0
         self._schemes.start(attrs)
         self._started = True
 
@@ -152,18 +177,35 @@ class Engine:
         return wait
 
     def close(self) -> None:
-        """Release the ops' files: the access check's and the space's."""
+        """Release the ops' files: the samplers', the access check's and the space's."""
+        self._release(self._targets)
         self._access.close()
         self._space.close()
 
     # -- one sample ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """prepare_access_checks: a random page per region, marked not accessed."""
-        for t in list(self._targets):
-            addrs = t.regions.pick_sampling_addrs(self._rng)
+        """prepare_access_checks: a random page per region, marked not accessed.
+
+        A target whose access check offers a fast path (ops/base.py,
+        TargetSampler) is sampled in one call; the others through
+        pick_sampling_addrs and the check's prepare, the reference. Both take
+        their uniforms from the same row, so both pick the same pages.
+        """
+        if self._row >= self._rows:
+            self._draw()
+        offset = self._row * self._width
+        self._row += 1
+        uniforms = self._uniforms
+        for t in self._targets:  # _drop makes a new list: this one stays whole
+            regions = t.regions
             try:
-                self._access.prepare(t.config, addrs)
+                if t.sampler is not None:
+                    t.sampler.prepare(regions.starts, regions.ends, uniforms, offset + t.column)
+                else:
+                    first = offset + t.column
+                    addrs = regions.pick_sampling_addrs(uniforms[first : first + len(regions)])
+                    self._access.prepare(t.config, addrs)
             except TargetGone as gone:
                 self._drop(t, gone)
 
@@ -173,16 +215,20 @@ class Engine:
         Returns the Snapshot at an aggregation boundary, else None (also
         when no target is left: see done).
         """
-        for t in list(self._targets):
-            addrs = t.regions.sampling_addrs
-            if addrs is None:
-                raise RuntimeError("Engine.check() without a prepare() since the regions changed")
+        for t in self._targets:
+            regions = t.regions
             try:
-                accessed = self._access.check(t.config, addrs)
+                if t.sampler is not None:
+                    t.sampler.check(regions.nr_accesses)
+                    continue
+                addrs = regions.sampling_addrs
+                if addrs is None:
+                    raise RuntimeError(
+                        "Engine.check() without a prepare() since the regions changed"
+                    )
+                regions.add_accesses(self._access.check(t.config, addrs))
             except TargetGone as gone:
                 self._drop(t, gone)
-                continue
-            t.regions.add_accesses(accessed)
         self._passed_samples += 1
         self._aggr_samples += 1
         if not self._targets:
@@ -191,14 +237,39 @@ class Engine:
         snapshot = None
         if self._passed_samples >= self._next_aggregation:
             snapshot = self._aggregate()
+            self._rows = 0
         elif self._schemes.due(self._passed_samples):  # an apply interval inside an aggregation
             self._schemes.apply(
                 self._targets, self._passed_samples, self._aggr_samples, self._config.attrs
             )
+            self._rows = 0
         if self._passed_samples >= self._next_update:
             self._next_update += self._config.attrs.samples_per_update
             self._update()
+            self._rows = 0
         return snapshot
+
+    def _draw(self) -> None:
+        """Uniforms for the samples until the regions may change next (the next
+        aggregation, update or scheme application), drawn at once: one numpy call where
+        a call per target and sample costs a few hundred µs each right after a sleep
+        under emulation. A row per sample, each target's regions in turn: the numbers a
+        draw per target and sample would give, in the same order (PCG64 makes a double
+        of each 64-bit output, a block of n is n single draws), so that the splits that
+        draw from the same generator at the block's end see what they saw before. Only
+        a target dropped or a commit inside a block leaves rows unused."""
+        width = 0
+        for t in self._targets:
+            t.column = width
+            width += len(t.regions)
+        end = min(self._next_aggregation, self._next_update)
+        due = self._schemes.next_due()
+        if due is not None:
+            end = min(end, due)
+        rows = end - self._passed_samples
+        rows = max(1, min(rows, UNIFORMS_MAX // max(width, 1)))
+        self._uniforms = self._rng.random(rows * width)
+        self._rows, self._width, self._row = rows, width, 0
 
     # -- aggregation --------------------------------------------------------------------------
 
@@ -329,7 +400,9 @@ class Engine:
                 cur.regions = set_regions(cur.regions, tc.regions)
             cur.config = tc
             targets.append(cur)
+        self._release([t for t in self._targets if t not in targets])
         self._targets = targets
+        self._rows = 0
         self._config = new
         self._schemes.commit(new.schemes, self._passed_samples, old.attrs, new.attrs)
 
@@ -348,6 +421,7 @@ class Engine:
         """ops.init for one target: user regions as given, else its ranges split evenly."""
         try:
             ranges = self._space.initial_ranges(tc)
+            sampler = sampler_of(self._access, tc)
         except TargetGone as gone:
             _log.info("target %d (pid %d) dropped: %s", tc.index, tc.pid, gone)
             self._gone[tc.index] = tc
@@ -356,13 +430,23 @@ class Engine:
             regions = set_regions(Regions.empty(), tc.regions)
         else:
             regions = evenly_split(ranges, attrs.min_nr_regions)
-        return _Target(tc, regions)
+        return _Target(tc, regions, sampler)
 
     def _drop(self, target: _Target, gone: TargetGone) -> None:
         _log.info("target %d (pid %d) dropped: %s", target.config.index, target.config.pid, gone)
+        self._release([target])
         self._targets = [t for t in self._targets if t is not target]
+        self._rows = 0
         self._gone[target.config.index] = target.config
         self._sz_limit = self._region_sz_limit()
+
+    @staticmethod
+    def _release(targets: list[_Target]) -> None:
+        """Close the samplers of targets that are no longer sampled."""
+        for t in targets:
+            if t.sampler is not None:
+                t.sampler.close()
+                t.sampler = None
 
     def _region_sz_limit(self) -> int:
         """damon_region_sz_limit: no merge makes a region larger than total / min_nr_regions."""

@@ -105,23 +105,23 @@ class Regions:
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def pick_sampling_addrs(self, rng: np.random.Generator) -> np.ndarray:
-        """A random page of each region (the kernel's damon_rand(start, end), page aligned).
+    def pick_sampling_addrs(self, uniforms: np.ndarray) -> np.ndarray:
+        """A random page of each region (the kernel's damon_rand(start, end), page aligned):
+        region i's is the one uniforms[i], in [0, 1), falls on.
 
-        Five numpy calls a sample, on arrays it keeps: this runs every sample_us,
-        and right after a sleep each call costs a few hundred µs under emulation
-        (bench/guest.py). Page counts are exact as floats below 2^53 pages.
+        The engine draws the uniforms of many samples at once (Engine._draw), and
+        a TargetSampler picks the same pages from them in C: right after a sleep
+        each numpy call costs a few hundred µs under emulation (bench/guest.py).
+        Page counts are exact as floats below 2^53 pages.
         """
         cached = self._pages
         if cached is None or cached[0] is not self.starts or cached[1] is not self.ends:
             pages = ((self.ends - self.starts) >> _PAGE_SHIFT).astype(np.float64)
-            # rng.random() < 1, but the float product can round up to the page count
+            # uniforms are < 1, but the float product can round up to the page count
             # itself for enormous regions: one ulp less keeps it inside
             np.nextafter(pages, 0, out=pages)
             cached = self._pages = (self.starts, self.ends, pages)
-        page = rng.random(len(cached[2]))
-        np.multiply(page, cached[2], out=page)
-        offsets = page.astype(_U64)
+        offsets = np.multiply(uniforms, cached[2]).astype(_U64)
         np.left_shift(offsets, _PAGE_SHIFT, out=offsets)
         self.sampling_addrs = np.add(self.starts, offsets, out=offsets)
         return self.sampling_addrs

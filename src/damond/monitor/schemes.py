@@ -352,6 +352,10 @@ class Schemes:
         """Whether some scheme's apply interval has come (kdamond_apply_schemes' first test)."""
         return any(passed >= s.next_apply_sis for s in self._states)
 
+    def next_due(self) -> int | None:
+        """The passed samples at which due() turns true next (None: no scheme)."""
+        return min((s.next_apply_sis for s in self._states), default=None)
+
     def apply(
         self, targets: Sequence[_Target], passed: int, aggr_samples: int, attrs: Attrs
     ) -> None:

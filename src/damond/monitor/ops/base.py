@@ -86,6 +86,47 @@ class AccessCheck(Protocol):
         ...
 
 
+class TargetSampler(Protocol):
+    """A whole sample of one target in one call per step: an access check's optional fast path.
+
+    Right after each sleep between samples, every Python or numpy call costs
+    tens to hundreds of µs under emulation (docs/benchmarks.md), and the
+    reference path makes several per target and sample: the engine picks the
+    addresses (Regions.pick_sampling_addrs), the check marks them, answers
+    with an array, the engine adds it. An access check that can do all of it
+    in one call offers ``sampler(target)`` (see sampler_of); its answers must
+    be exactly those of prepare() and check() on the addresses
+    pick_sampling_addrs picks from the same uniforms (tested for page_idle).
+    """
+
+    def prepare(
+        self, starts: np.ndarray, ends: np.ndarray, uniforms: np.ndarray, offset: int, /
+    ) -> None:
+        """Pick the page of each region [starts[i], ends[i]) that uniforms[offset + i]
+        picks (as Regions.pick_sampling_addrs), and mark it as prepare() does.
+
+        Raises TargetGone when the process has exited.
+        """
+        ...
+
+    def check(self, nr_accesses: np.ndarray, /) -> None:
+        """Add 1 to nr_accesses[i] (uint32, in place) where region i's page was accessed
+        since prepare(). Raises TargetGone when the process has exited."""
+        ...
+
+    def close(self) -> None:
+        """Release what it holds (it may hold its own fds)."""
+        ...
+
+
+def sampler_of(access: AccessCheck, target: TargetConfig) -> TargetSampler | None:
+    """The fast path access offers for target, or None: the engine then uses prepare and
+    check, the reference every access check has. An access check offers one by a method
+    ``sampler(target) -> TargetSampler | None`` (page_idle's C path does)."""
+    offer = getattr(access, "sampler", None)
+    return offer(target) if offer is not None else None
+
+
 @dataclass(frozen=True)
 class Operations:
     """One operations set: the kernel's struct damon_operations plus damon_target_has_pid.

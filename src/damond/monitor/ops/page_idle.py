@@ -38,11 +38,20 @@ call or a Python loop step costs about as much as a kernel call, and a
 sample of a few dozen regions made several dozen of each; the C path is what
 the daemon uses, the Python path what it is tested against (and the
 fallback, with a log line, where the module could not be built).
+
+The C path also offers the engine's fast path (ops/base.py, TargetSampler):
+PageIdleAccess.sampler(target) is a _page_idle.Sampler that picks the
+sampled pages from the regions itself and adds its answers into the regions'
+counters, so that a sample of a target is one call to prepare and one to
+check, with no array made per sample: what is left of the check's Python
+(which process, its pagemap fd, what a failure means) runs only when
+something goes wrong (_recover).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -54,8 +63,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from damond.monitor.config import TargetConfig
-from damond.monitor.ops.base import TargetGone
+from damond.monitor.config import PAGE_SIZE, TargetConfig
+from damond.monitor.ops.base import TargetGone, TargetSampler
 from damond.monitor.ops.process import (
     ProcessHolder,
     ProcessTable,
@@ -118,7 +127,12 @@ PFN_HIDDEN = -2
 HEAD_CACHE_PREPARES = 100
 """prepare() calls after which the learned tail→head spans are forgotten: a
 huge page that was split or freed and reused in a different shape is trusted
-for at most this long."""
+for at most this long. (A Sampler keeps its own spans, for its own target.)"""
+
+STALE, HIDDEN, MISSING, EXITED = 1, 2, 3, 4
+"""What a _page_idle.Sampler hands to _recover: nothing read from the pagemap (the
+process exited or exec'd), PFNs hidden, ESRCH/ENOENT from a file, the pidfd says
+the process has exited."""
 
 
 # --- pure helpers: numpy over entries and bitmap words ------------------------------
@@ -486,6 +500,8 @@ class SamplePath(NamedTuple):
     name: str
     prepare: Callable[..., int]
     check: Callable[..., None]
+    sampler: Callable[..., TargetSampler] | None = None
+    """The engine's fast path (_page_idle.Sampler), where the path has one."""
 
 
 PYTHON_PATH = SamplePath("python", prepare_sample, check_sample)
@@ -502,7 +518,7 @@ def _load_native() -> tuple[SamplePath | None, str]:
     if differ:
         return None, f"the C module disagrees with page_idle.py on {differ}"
 
-    return SamplePath("c", native.prepare, native.check), ""
+    return SamplePath("c", native.prepare, native.check, native.Sampler), ""
 
 
 def _native_differs(native: ModuleType) -> str:
@@ -515,6 +531,11 @@ def _native_differs(native: ModuleType) -> str:
         "KPF_COMPOUND_HEAD": KPF_COMPOUND_HEAD,
         "KPF_COMPOUND_TAIL": KPF_COMPOUND_TAIL,
         "KPF_NOPAGE": KPF_NOPAGE,
+        "SAMPLE_PAGE": PAGE_SIZE,
+        "STALE": STALE,
+        "HIDDEN": HIDDEN,
+        "MISSING": MISSING,
+        "EXITED": EXITED,
     }
     return ", ".join(k for k, v in ours.items() if getattr(native, k, None) != v)
 
@@ -627,6 +648,41 @@ class PageIdleAccess(ProcessHolder):
         self.path.check(prepared.heads, accessed, self._bitmap, BITMAP_READ_GAP)
         return accessed
 
+    def sampler(self, target: TargetConfig) -> TargetSampler | None:
+        """The engine's fast path for target (ops/base.py): a _page_idle.Sampler, or None
+        on the Python path (the reference has none).
+
+        The sampler holds its own copies of the fds (a pagemap reopened for another
+        target of the same process, or a commit dropping the process, cannot pull
+        them from under it) and its own tail spans, forgotten every
+        HEAD_CACHE_PREPARES of its prepares. TargetGone when the process has gone.
+        """
+        make = self.path.sampler
+        if make is None:
+            return None
+        proc = self.processes.get(target.pid) if target.pid >= 0 else None
+        fds = [os.dup(self._kpageflags), os.dup(self._bitmap), -1, -1]
+        try:
+            if proc is not None:
+                with gone_when_missing(proc):
+                    fds[2] = os.dup(proc.fd("pagemap"))
+                fds[3] = os.dup(proc.pidfd)
+            return make(
+                *fds,
+                {},
+                functools.partial(_recover, proc),
+                PAGEMAP_GAP,
+                KPAGEFLAGS_GAP,
+                BITMAP_WRITE_GAP,
+                BITMAP_READ_GAP,
+                HEAD_CACHE_PREPARES,
+            )
+        except BaseException:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+
     def marked(self, target: TargetConfig) -> np.ndarray:
         """The heads the last prepare() of target marked (NO_HEAD: cannot tell): what
         the two sample paths are compared by (tests/vm)."""
@@ -672,6 +728,21 @@ class PageIdleAccess(ProcessHolder):
                 KPAGEFLAGS_GAP,
                 BITMAP_WRITE_GAP,
             )
+
+
+def _recover(proc: TargetProcess | None, status: int) -> int:
+    """What a _page_idle.Sampler leaves to Python, as PageIdleAccess does it: a pagemap
+    that read nothing is opened again once (a new fd of the sampler's own) when the
+    process lives, or the process has gone (TargetGone); hidden PFNs need root."""
+    if status == HIDDEN:
+        raise pfns_hidden()
+    if proc is None:
+        raise RuntimeError(f"page_idle: a sampler of physical addresses reported {status}")
+    if status == STALE and proc.alive():
+        reopen(proc, "pagemap")
+        with gone_when_missing(proc):
+            return os.dup(proc.fd("pagemap"))
+    raise TargetGone(proc.pid)
 
 
 def reopen(proc: TargetProcess, name: str) -> None:
