@@ -146,10 +146,11 @@ async def throughput(
     wl: sc.Workload,
     seconds: float,
     off: Callable[[], Awaitable[None]],
-    on: Callable[[], Awaitable[int]],
+    on: Callable[[], Awaitable[tuple[int, ...]]],
 ) -> dict[str, Any]:
     """The workload's passes per second with the monitor off and on, in WINDOWS pairs of
-    windows of seconds (on() turns it on and says its pid, for its CPU meanwhile).
+    windows of seconds (on() turns it on and says its pids, for their CPU meanwhile: on
+    damond's kernel backend, damond's and the kernel's kdamond's).
 
     Pairs on the same process, back to back: the emulated guest's speed drifts
     with the host's load by more than the differences measured (one window of
@@ -159,7 +160,7 @@ async def throughput(
     pairs = []
     for _ in range(WINDOWS):
         await off()
-        unmonitored = await window(wl, seconds, None)
+        unmonitored = await window(wl, seconds, ())
         monitor = await on()
         monitored = await window(wl, seconds, monitor)
         pairs.append(
@@ -180,14 +181,14 @@ async def throughput(
     }
 
 
-async def window(wl: sc.Workload, seconds: float, monitor: int | None) -> dict[str, Any]:
+async def window(wl: sc.Workload, seconds: float, monitor: tuple[int, ...]) -> dict[str, Any]:
     """The workload's passes per second over seconds, and the monitor's CPU meanwhile."""
-    cpu_before = cpu_seconds(monitor) if monitor else 0.0
+    cpu_before = sum(cpu_seconds(pid) for pid in monitor)
     workload_before = cpu_seconds(wl.pid)
     before = wl.command("stats")
     await asyncio.sleep(seconds)
     after = wl.command("stats")
-    cpu = cpu_seconds(monitor) - cpu_before if monitor else 0.0
+    cpu = sum(cpu_seconds(pid) for pid in monitor) - cpu_before
     workload = cpu_seconds(wl.pid) - workload_before
     elapsed = (after["t_us"] - before["t_us"]) / 1e6
     return {
@@ -253,9 +254,12 @@ async def damond_phase(
                 async def off() -> None:
                     await sc.state(d, "off")
 
-                async def on() -> int:
+                async def on() -> tuple[int, ...]:
                     await sc.state(d, "on")
-                    return d.process.pid
+                    if backend == "user":
+                        return (d.process.pid,)
+                    kdamond = await d.get(sc.K0, "org.damond1.Kdamond", "pid")
+                    return d.process.pid, kdamond
 
                 record["throughput"] = await throughput(wl, throughput_s, off, on)
             await sc.state(d, "off")
@@ -307,9 +311,9 @@ async def kernel_phase(throughput_s: float, pause_ms: float, record: dict[str, A
                 async def off() -> None:
                     k.off()
 
-                async def on() -> int:
+                async def on() -> tuple[int, ...]:
                     k.on()
-                    return k.pid()
+                    return (k.pid(),)
 
                 record["throughput"] = await throughput(wl, throughput_s, off, on)
     finally:
@@ -322,11 +326,11 @@ async def scenario(run: sc.Run, throughput_s: float, pause_ms: float) -> None:
     run.save()
     await run.phase("damond", lambda r: damond_phase(run, throughput_s, pause_ms, r))
     await run.phase("kernel", lambda r: kernel_phase(throughput_s, pause_ms, r))
-    if not throughput_s:  # bench/damos.py compares damond's engine with the kernel's
-        kernel_damon.mount_tracefs()  # where the kernel backend reads the kernel's results
-        await run.phase(
-            "damond_kernel", lambda r: damond_phase(run, 0, pause_ms, r, backend="kernel")
-        )
+    kernel_damon.mount_tracefs()  # where the kernel backend reads the kernel's results
+    await run.phase(
+        "damond_kernel",
+        lambda r: damond_phase(run, throughput_s, pause_ms, r, backend="kernel"),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
