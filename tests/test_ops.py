@@ -396,14 +396,23 @@ def test_clear_refs_sees_touched_and_untouched_mappings(child: Child) -> None:
         access.close()
 
 
-def test_smaps_referenced_is_exact_for_the_touched_mapping(child: Child) -> None:
+MACHINE_DAMON_SLACK = 16 * 4096
+"""Pages a kdamond of the machine may have found unreferenced between a touch and a
+read (seen: one page of the 4096 touched, in 3 of 25 runs on the development host)."""
+
+
+def test_smaps_referenced_counts_only_the_touched_pages(child: Child) -> None:
     access = ClearRefsAccess()
     try:
         access.prepare(child.target, np.empty(0, np.uint64))
         child.send(f"touch {16 * MiB}")
         found, referenced = parse_smaps(access.processes.get(child.pid).read("smaps"))
         rows = found.tolist()
-        assert referenced[rows.index(list(child.hot))] == 16 * MiB
+        # every touched page, and nothing else: Referenced never exceeds what was
+        # touched. A few pages may read unreferenced: the machine's own kdamond (its
+        # paddr pageout scheme) clears accessed bits of pages it looks at, ours too.
+        hot = int(referenced[rows.index(list(child.hot))])
+        assert 16 * MiB - MACHINE_DAMON_SLACK <= hot <= 16 * MiB, hot
         assert referenced[rows.index(list(child.cold))] == 0
         user = found[found[:, 0] < 1 << 63]
         assert np.array_equal(user, mappings(child.pid))
