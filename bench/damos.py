@@ -129,7 +129,7 @@ cleared accessed bit makes the next access walk the page table again, which
 TCG emulates. A 2-vCPU guest, which would give the monitor a CPU of its own,
 is not reliable for accessed bits (damond once saw the hot half idle and
 paged it out), so what carries over to real hardware is the CPU share, not
-the throughput ratio: damond's sampling costs several times the kernel's CPU
+the throughput ratio: damond's sampling costs {d["cpu"] / k["cpu"]:.1f}× the kernel's CPU
 in this guest, where Python runs about 15× slower than on the host. On
 its kernel backend damond does not sample at all: the kdamond does, and damond
 relays its aggregations over D-Bus ({dk["cpu"]:.0f} % of the vCPU for the two together,
