@@ -240,8 +240,16 @@ async def test_subscriber_that_stops_reading(
     once 127 MiB wait for it, and damond moves the name to a new one."""
     d, notify = watched
     first_snapshot = await d.signals(path=C0, member="Snapshot")
+    # cpu_limit_pct 0: snapshots as fast as damond makes them; its default ceiling
+    # (10 % of a CPU) would hold them near 100/s, the least this test counts as load
     await client.start_kdamonds(
-        d.client, [sleeper.pid], sample_us=1000, aggr_us=1000, min=1000, max=1000
+        d.client,
+        [sleeper.pid],
+        sample_us=1000,
+        aggr_us=1000,
+        min=1000,
+        max=1000,
+        cpu_limit_pct=0,
     )
     await first_snapshot.next(timeout=10)  # GetSnapshot has data from here on
     await first_snapshot.stop()
