@@ -116,6 +116,16 @@ def test_time_extends_padding_and_other_events_are_stepped_over() -> None:
     assert joined.missed
 
 
+def test_a_record_of_another_event_of_the_same_length_is_not_taken() -> None:
+    """It does not shift the records after it: each record's event id is read."""
+    items = regions(55, 0, 3)
+    items.insert(1, record(2, 1, 0, 1, 0, 4096, 0, 0, event=341))
+    events = parse_page(page(1000, *items), FMT)
+    assert events.ts.tolist() == [1007, 1010, 1011]
+    assert events.records.field("common_type").tolist() == [340] * 3
+    assert parse_pages([page(1000, *items)], FMT).ts.tolist() == [1007, 1010, 1011]
+
+
 def test_reading_pages_together_is_reading_them_one_by_one() -> None:
     """parse_pages joins the runs of several pages into one numpy pass: the same result."""
     rng = np.random.default_rng(3)

@@ -263,16 +263,11 @@ def _entry(page: bytes, pos: int, end: int) -> tuple[int, int, int] | None:
 
 def _run(rows: np.ndarray, ts: int, fmt: EventFormat) -> Events:
     """The leading run of fmt's records among rows (each a whole ring buffer record cut at
-    fmt's length, header first): the whole of them in one go when their first, middle
-    and last rows are fmt's (any other record in between would shift every row after
-    it, and a shifted row reads as neither header nor event id), else found row by row."""
+    fmt's length, header first): every row is checked (a record of another event of the
+    same length would not shift the rows after it)."""
     n = len(rows)
-    count = n
-    for header, first in rows[[0, n // 2, n - 1], :2].tolist():
-        if header & 31 != fmt.type_len or first & 0xFFFF != fmt.event_id:
-            mine = ((rows[:, 0] & 31) == fmt.type_len) & ((rows[:, 1] & 0xFFFF) == fmt.event_id)
-            count = n if mine.all() else int(np.argmin(mine))
-            break
+    mine = ((rows[:, 0] & 31) == fmt.type_len) & ((rows[:, 1] & 0xFFFF) == fmt.event_id)
+    count = n if mine.all() else int(np.argmin(mine))
     times = np.cumsum(rows[:count, 0] >> 5, dtype=np.uint64)
     times += np.uint64(ts)
     return Events(times, Records(np.ascontiguousarray(rows[:count, 1:]), fmt.dtype))
