@@ -15,7 +15,14 @@ import pytest
 
 from damond.monitor.kernel_relay import Aggregations
 from damond.monitor.ops import damon_trace
-from damond.monitor.ops.damon_trace import EventFormat, PageLayout, parse_page, parse_pages
+from damond.monitor.ops.damon_trace import (
+    EventFormat,
+    Events,
+    PageLayout,
+    parse_page,
+    parse_pages,
+    parse_pages_native,
+)
 
 # events/damon/damon_aggregated/format of the test guest's Linux 6.12
 FORMAT = """name: damon_aggregated
@@ -147,6 +154,99 @@ def test_reading_pages_together_is_reading_them_one_by_one() -> None:
         together.records.words
         == np.concatenate([e.records.words for e in one_by_one])
     ).all()
+
+
+# --- the C parser against the Python reference ------------------------------------------------
+
+needs_c = pytest.mark.skipif(
+    damon_trace.NATIVE_PARSE is None,
+    reason=f"damond's C module is not built here: {damon_trace.NO_NATIVE_PARSE}",
+)
+
+
+def stamp(time: int) -> bytes:
+    """An absolute time stamp (its top 5 bits left out, as the kernel writes it)."""
+    time &= (1 << 59) - 1
+    return struct.pack("<II", 31 | (time & ((1 << 27) - 1)) << 5, time >> 27)
+
+
+def same(a: Events, b: Events) -> None:
+    assert a.ts.dtype == b.ts.dtype == np.uint64
+    assert a.ts.tolist() == b.ts.tolist()
+    assert a.records.words.dtype == b.records.words.dtype == np.uint32
+    assert a.records.words.shape == b.records.words.shape
+    assert (a.records.words == b.records.words).all()
+    assert a.missed == b.missed
+
+
+def random_pages(seed: int) -> list[bytes]:
+    """Pages of runs of records between every other kind of entry the ring buffer has:
+    time extends, absolute time stamps, padding, other events of the same and of other
+    lengths, long records (type_len 0), records lost before a page, torn ends."""
+    rng = np.random.default_rng(seed)
+    pages = []
+    for n in range(int(rng.integers(1, 9))):
+        items: list[bytes] = []
+        for _ in range(int(rng.integers(0, 6))):
+            kind = int(rng.integers(0, 8))
+            if kind == 0:
+                items.append(extend(int(rng.integers(1, 1 << 40))))
+            elif kind == 1:
+                items.append(padding(int(rng.integers(2, 30)) * 4))
+            elif kind == 2:
+                items.append(stamp(int(rng.integers(0, 1 << 62))))
+            elif kind == 3:
+                items.append(record(int(rng.integers(0, 1 << 27)), 9, 0, 1, 0, 1, 0, 0, 341))
+            elif kind == 4:  # a record of 3 words, then one of 40 (its length in a word)
+                items.append(struct.pack("<IIII", 3 | 5 << 5, 340, 1, 2))
+                items.append(struct.pack("<II", 0 | 6 << 5, 164) + bytes(160))
+            items += regions(50 + n % 3, int(rng.integers(0, 3)), int(rng.integers(1, 30)),
+                             int(rng.integers(0, 1 << 27)))  # fmt: skip
+        missed = bool(rng.integers(0, 4) == 0)
+        data = page(int(rng.integers(0, 1 << 62)), *items[:40], missed=missed)
+        cut = int(rng.integers(0, 5))
+        if cut == 1:  # a commit that ends inside a record
+            commit = min(len(b"".join(items[:40])), PAGE - 16) - 20
+            data = data[:8] + struct.pack("<q", max(commit, 0)) + data[16:]
+        elif cut == 2:  # padding to the end of the page (delta 0)
+            data = data[:8] + struct.pack("<q", PAGE - 16) + data[16:]
+        pages.append(data)
+    return pages
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(40))
+def test_the_c_parser_reads_what_the_python_one_reads(seed: int) -> None:
+    pages = random_pages(seed)
+    same(parse_pages_native(pages, FMT), parse_pages(pages, FMT))
+    one_by_one = Events.join([parse_page(p, FMT) for p in pages], FMT, same_missed(pages))
+    same(parse_pages_native(pages, FMT), one_by_one)
+
+
+def same_missed(pages: list[bytes]) -> bool:
+    return any(struct.unpack_from("<Q", p, 8)[0] & (1 << 31) for p in pages)
+
+
+@needs_c
+def test_the_c_parser_reads_the_cases_written_out_above() -> None:
+    long_gap = 5 << 27 | 12345
+    other = record(2, 1, 0, 1, 0, 4096, 0, 0, event=341)
+    items = [*regions(55, 0, 2), padding(20), extend(long_gap), other, *regions(55, 1, 2)]
+    cases = [
+        [page(1000, *regions(55, 0, 3))],
+        [page(10**9, *items, missed=True), page(2 * 10**9, *regions(56, 0, 1))],
+        [page(TS_HIGH, *regions(1, 0, 2), stamp(TS_HIGH + 99), *regions(1, 0, 2))],
+        [page(0)],
+        [],
+    ]
+    for pages in cases:
+        same(parse_pages_native(pages, FMT), parse_pages(pages, FMT))
+    with pytest.raises(ValueError, match="shorter than its header"):
+        parse_pages_native([b"short"], FMT)
+
+
+TS_HIGH = (0xF8 << 56) | 12345
+"""A trace clock time with the top bits an absolute time stamp leaves out."""
 
 
 def test_layout_of_pages_comes_from_tracefs() -> None:

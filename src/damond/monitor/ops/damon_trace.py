@@ -39,6 +39,7 @@ import functools
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -401,6 +402,29 @@ def parse_pages(pages: list[bytes], fmt: EventFormat, layout: PageLayout = PageL
     return Events(times, Records(np.ascontiguousarray(rows[:, 1:]), fmt.dtype), missed)
 
 
+def _load_native() -> tuple[Callable[..., tuple[bytearray, bytearray, int, bool]] | None, str]:
+    """_damon_trace.parse, or None and why not (damond parses in Python without it)."""
+    try:
+        from damond.monitor.ops import _damon_trace
+    except ImportError as e:
+        return None, f"the C module is not built ({e})"
+    return _damon_trace.parse, ""
+
+
+NATIVE_PARSE, NO_NATIVE_PARSE = _load_native()
+"""_damon_trace.parse (the same records as parse_pages, in one C call), or None and why."""
+
+
+def parse_pages_native(
+    pages: list[bytes], fmt: EventFormat, layout: PageLayout = PageLayout()
+) -> Events:
+    """parse_pages in one C call and two numpy ones (fmt's records of 1 to 28 words)."""
+    assert NATIVE_PARSE is not None, NO_NATIVE_PARSE
+    times, rows, count, missed = NATIVE_PARSE(pages, fmt.event_id, fmt.type_len, layout.data_offset)
+    words = np.frombuffer(rows, np.uint32).reshape(count, fmt.type_len)
+    return Events(np.frombuffer(times, np.uint64), Records(words, fmt.dtype), missed)
+
+
 def _absolute(stamp: int, previous: int) -> int:
     """An absolute time stamp record's time: it leaves out the top bits (rb_fix_abs_ts)."""
     if previous & TS_MSB:
@@ -505,6 +529,8 @@ class TraceInstance:
     def parse(self, pages: list[bytes]) -> Events:
         """The records of its event in pages read from this instance."""
         assert self.format is not None, "create() first"
+        if NATIVE_PARSE is not None and self.format.type_len:
+            return parse_pages_native(pages, self.format, self.layout)
         return parse_pages(pages, self.format, self.layout)
 
     def read_pipe(self, fd: int) -> list[bytes]:
