@@ -13,6 +13,8 @@ import struct
 import numpy as np
 import pytest
 
+from damond import wire
+from damond.monitor.kernel import _target_snapshot
 from damond.monitor.kernel_relay import Aggregations
 from damond.monitor.ops import damon_trace
 from damond.monitor.ops.damon_trace import (
@@ -23,6 +25,7 @@ from damond.monitor.ops.damon_trace import (
     parse_pages,
     parse_pages_native,
 )
+from damond.monitor.snapshot import Snapshot
 
 # events/damon/damon_aggregated/format of the test guest's Linux 6.12
 FORMAT = """name: damon_aggregated
@@ -247,6 +250,23 @@ def test_the_c_parser_reads_the_cases_written_out_above() -> None:
 
 TS_HIGH = (0xF8 << 56) | 12345
 """A trace clock time with the top bits an absolute time stamp leaves out."""
+
+
+def test_a_snapshot_of_records_is_marshalled_from_their_words_as_they_are() -> None:
+    """The kernel's regions leave as the record's words: the same bytes as dbus-fast's."""
+    items = [
+        record(1, 55, 0, 3, (i + 1) << 40, ((i + 1) << 40) + 4096 * (i + 1), 20 - i, 7 * i + 1)
+        for i in range(3)
+    ]
+    records = parse_pages([page(1000, *items)], FMT).records
+    target = _target_snapshot(0, 55, records)
+    assert target.wire is not None
+    snapshot = Snapshot(9, 1_700_000_000_000_000, 20, (target,))
+    expected = wire.marshal("ttua(uia(ttuu))", snapshot.as_dbus())
+    assert wire.snapshot_body(snapshot) == expected
+    assert snapshot.as_dbus()[3][0][2][1] == [2 << 40, (2 << 40) + 8192, 19, 8]
+    assert records.span((("start", 8), ("age", 4))) is None  # not side by side
+    assert records.span((("start", 8), ("end", 4))) is None  # not of that size
 
 
 def test_layout_of_pages_comes_from_tracefs() -> None:

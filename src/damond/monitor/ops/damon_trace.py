@@ -201,6 +201,18 @@ class Records:
             return column
         return (column >> (8 * (offset % 4))) & ((1 << (8 * size)) - 1)
 
+    def span(self, fields: tuple[tuple[str, int], ...]) -> np.ndarray | None:
+        """The words of fields (name, size in bytes) in every record, when the fields
+        have those sizes and lie side by side in that order from a word's start (a view);
+        None when they do not."""
+        layout = _layout(self.dtype)
+        first = at = layout[fields[0][0]][1]
+        for name, size in fields:
+            if layout[name] != (size, at) or size % 4:
+                return None
+            at += size
+        return self.words[:, first // 4 : at // 4] if first % 4 == 0 else None
+
     def take(self, index: slice | np.ndarray) -> Records:
         """The records at index (a slice, a boolean mask or positions)."""
         if isinstance(index, slice):  # rows of C-contiguous rows are C-contiguous: a view
