@@ -14,8 +14,9 @@ all: venv
 deps:
 	@scripts/ensure-apt $(APT_PACKAGES)
 
-# The C module is built by pip (pyproject.toml's ext-modules): rebuild when it changes.
-$(VENV)/.installed: pyproject.toml src/damond/monitor/ops/_page_idle.c
+# The C modules are built by pip (pyproject.toml's ext-modules): rebuild when they change.
+$(VENV)/.installed: pyproject.toml src/damond/monitor/ops/_page_idle.c \
+		src/damond/monitor/ops/_damon_trace.c
 	@$(MAKE) --no-print-directory deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

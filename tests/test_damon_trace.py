@@ -13,9 +13,19 @@ import struct
 import numpy as np
 import pytest
 
+from damond import wire
+from damond.monitor.kernel import _target_snapshot
 from damond.monitor.kernel_relay import Aggregations
 from damond.monitor.ops import damon_trace
-from damond.monitor.ops.damon_trace import EventFormat, PageLayout, parse_page, parse_pages
+from damond.monitor.ops.damon_trace import (
+    EventFormat,
+    Events,
+    PageLayout,
+    parse_page,
+    parse_pages,
+    parse_pages_native,
+)
+from damond.monitor.snapshot import Snapshot
 
 # events/damon/damon_aggregated/format of the test guest's Linux 6.12
 FORMAT = """name: damon_aggregated
@@ -116,6 +126,16 @@ def test_time_extends_padding_and_other_events_are_stepped_over() -> None:
     assert joined.missed
 
 
+def test_a_record_of_another_event_of_the_same_length_is_not_taken() -> None:
+    """It does not shift the records after it: each record's event id is read."""
+    items = regions(55, 0, 3)
+    items.insert(1, record(2, 1, 0, 1, 0, 4096, 0, 0, event=341))
+    events = parse_page(page(1000, *items), FMT)
+    assert events.ts.tolist() == [1007, 1010, 1011]
+    assert events.records.field("common_type").tolist() == [340] * 3
+    assert parse_pages([page(1000, *items)], FMT).ts.tolist() == [1007, 1010, 1011]
+
+
 def test_reading_pages_together_is_reading_them_one_by_one() -> None:
     """parse_pages joins the runs of several pages into one numpy pass: the same result."""
     rng = np.random.default_rng(3)
@@ -137,6 +157,116 @@ def test_reading_pages_together_is_reading_them_one_by_one() -> None:
         together.records.words
         == np.concatenate([e.records.words for e in one_by_one])
     ).all()
+
+
+# --- the C parser against the Python reference ------------------------------------------------
+
+needs_c = pytest.mark.skipif(
+    damon_trace.NATIVE_PARSE is None,
+    reason=f"damond's C module is not built here: {damon_trace.NO_NATIVE_PARSE}",
+)
+
+
+def stamp(time: int) -> bytes:
+    """An absolute time stamp (its top 5 bits left out, as the kernel writes it)."""
+    time &= (1 << 59) - 1
+    return struct.pack("<II", 31 | (time & ((1 << 27) - 1)) << 5, time >> 27)
+
+
+def same(a: Events, b: Events) -> None:
+    assert a.ts.dtype == b.ts.dtype == np.uint64
+    assert a.ts.tolist() == b.ts.tolist()
+    assert a.records.words.dtype == b.records.words.dtype == np.uint32
+    assert a.records.words.shape == b.records.words.shape
+    assert (a.records.words == b.records.words).all()
+    assert a.missed == b.missed
+
+
+def random_pages(seed: int) -> list[bytes]:
+    """Pages of runs of records between every other kind of entry the ring buffer has:
+    time extends, absolute time stamps, padding, other events of the same and of other
+    lengths, long records (type_len 0), records lost before a page, torn ends."""
+    rng = np.random.default_rng(seed)
+    pages = []
+    for n in range(int(rng.integers(1, 9))):
+        items: list[bytes] = []
+        for _ in range(int(rng.integers(0, 6))):
+            kind = int(rng.integers(0, 8))
+            if kind == 0:
+                items.append(extend(int(rng.integers(1, 1 << 40))))
+            elif kind == 1:
+                items.append(padding(int(rng.integers(2, 30)) * 4))
+            elif kind == 2:
+                items.append(stamp(int(rng.integers(0, 1 << 62))))
+            elif kind == 3:
+                items.append(record(int(rng.integers(0, 1 << 27)), 9, 0, 1, 0, 1, 0, 0, 341))
+            elif kind == 4:  # a record of 3 words, then one of 40 (its length in a word)
+                items.append(struct.pack("<IIII", 3 | 5 << 5, 340, 1, 2))
+                items.append(struct.pack("<II", 0 | 6 << 5, 164) + bytes(160))
+            items += regions(50 + n % 3, int(rng.integers(0, 3)), int(rng.integers(1, 30)),
+                             int(rng.integers(0, 1 << 27)))  # fmt: skip
+        missed = bool(rng.integers(0, 4) == 0)
+        data = page(int(rng.integers(0, 1 << 62)), *items[:40], missed=missed)
+        cut = int(rng.integers(0, 5))
+        if cut == 1:  # a commit that ends inside a record
+            commit = min(len(b"".join(items[:40])), PAGE - 16) - 20
+            data = data[:8] + struct.pack("<q", max(commit, 0)) + data[16:]
+        elif cut == 2:  # padding to the end of the page (delta 0)
+            data = data[:8] + struct.pack("<q", PAGE - 16) + data[16:]
+        pages.append(data)
+    return pages
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(40))
+def test_the_c_parser_reads_what_the_python_one_reads(seed: int) -> None:
+    pages = random_pages(seed)
+    same(parse_pages_native(pages, FMT), parse_pages(pages, FMT))
+    one_by_one = Events.join([parse_page(p, FMT) for p in pages], FMT, same_missed(pages))
+    same(parse_pages_native(pages, FMT), one_by_one)
+
+
+def same_missed(pages: list[bytes]) -> bool:
+    return any(struct.unpack_from("<Q", p, 8)[0] & (1 << 31) for p in pages)
+
+
+@needs_c
+def test_the_c_parser_reads_the_cases_written_out_above() -> None:
+    long_gap = 5 << 27 | 12345
+    other = record(2, 1, 0, 1, 0, 4096, 0, 0, event=341)
+    items = [*regions(55, 0, 2), padding(20), extend(long_gap), other, *regions(55, 1, 2)]
+    cases = [
+        [page(1000, *regions(55, 0, 3))],
+        [page(10**9, *items, missed=True), page(2 * 10**9, *regions(56, 0, 1))],
+        [page(TS_HIGH, *regions(1, 0, 2), stamp(TS_HIGH + 99), *regions(1, 0, 2))],
+        [page(0)],
+        [],
+    ]
+    for pages in cases:
+        same(parse_pages_native(pages, FMT), parse_pages(pages, FMT))
+    with pytest.raises(ValueError, match="shorter than its header"):
+        parse_pages_native([b"short"], FMT)
+
+
+TS_HIGH = (0xF8 << 56) | 12345
+"""A trace clock time with the top bits an absolute time stamp leaves out."""
+
+
+def test_a_snapshot_of_records_is_marshalled_from_their_words_as_they_are() -> None:
+    """The kernel's regions leave as the record's words: the same bytes as dbus-fast's."""
+    items = [
+        record(1, 55, 0, 3, (i + 1) << 40, ((i + 1) << 40) + 4096 * (i + 1), 20 - i, 7 * i + 1)
+        for i in range(3)
+    ]
+    records = parse_pages([page(1000, *items)], FMT).records
+    target = _target_snapshot(0, 55, records)
+    assert target.wire is not None
+    snapshot = Snapshot(9, 1_700_000_000_000_000, 20, (target,))
+    expected = wire.marshal("ttua(uia(ttuu))", snapshot.as_dbus())
+    assert wire.snapshot_body(snapshot) == expected
+    assert snapshot.as_dbus()[3][0][2][1] == [2 << 40, (2 << 40) + 8192, 19, 8]
+    assert records.span((("start", 8), ("age", 4))) is None  # not side by side
+    assert records.span((("start", 8), ("end", 4))) is None  # not of that size
 
 
 def test_layout_of_pages_comes_from_tracefs() -> None:

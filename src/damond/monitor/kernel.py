@@ -30,6 +30,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +202,12 @@ class KernelDamon:
         self.claim.release()
 
 
+WIRE_FIELDS = (("start", 8), ("end", 8), ("nr_accesses", 4), ("age", 4))
+"""A region of a Snapshot on the wire, (ttuu): the damon_aggregated record has these
+fields side by side, so its words are the signal's bytes as they are (on a little-endian
+machine, as the wire is)."""
+
+
 def _target_snapshot(index: int, pid: int, regions: Records) -> TargetSnapshot:
     """One target's regions in a Snapshot: the kernel's own values (views of its records)."""
     return TargetSnapshot(
@@ -210,6 +217,7 @@ def _target_snapshot(index: int, pid: int, regions: Records) -> TargetSnapshot:
         ends=regions.field("end"),
         nr_accesses=regions.field("nr_accesses"),
         ages=regions.field("age"),
+        wire=regions.span(WIRE_FIELDS) if sys.byteorder == "little" else None,
     )
 
 

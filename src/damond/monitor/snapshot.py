@@ -18,6 +18,10 @@ class TargetSnapshot:
     ends: np.ndarray
     nr_accesses: np.ndarray
     ages: np.ndarray
+    wire: np.ndarray | None = None
+    """The same regions as the wire's (ttuu) structs, when the monitor has them so: rows
+    of six uint32 words in little-endian order (the kernel's trace records hold them so),
+    marshalled as they are; None: marshalled from the four arrays."""
 
     def as_dbus(self) -> list:
         """(u i a(ttuu)): the wire shape of one target in a Snapshot."""
