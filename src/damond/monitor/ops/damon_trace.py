@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import re
 import struct
@@ -43,6 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 TRACEFS = "/sys/kernel/tracing"
 INSTANCE = "damond"
@@ -509,6 +512,8 @@ class TraceInstance:
         self._write("tracing_on", "1")
         self.format = EventFormat.parse(self._read(f"events/{self.event}/format"), self.fields)
         self.layout = PageLayout.parse(self._read_top("events/header_page"), self._page_size())
+        if NATIVE_PARSE is None:
+            log.warning("%s: its pages are parsed in Python: %s", self.path, NO_NATIVE_PARSE)
 
     def clear(self) -> None:
         """Empty the buffer (what a previous damond left in it)."""
