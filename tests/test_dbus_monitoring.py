@@ -184,7 +184,8 @@ async def test_commit_changes_the_aggregation_cadence(
     damond: Damond, sleeper: subprocess.Popen[bytes]
 ) -> None:
     snapshots = await damond.signals(path=C0, interface="org.damond1.Context", member="Snapshot")
-    await configure_and_start(damond, sleeper.pid, sample_us=5000, aggr_us=50000)
+    # no CPU ceiling: it would stretch the short intervals more than the long ones
+    await configure_and_start(damond, sleeper.pid, sample_us=5000, aggr_us=50000, cpu_limit_pct=0)
     before = [(await snapshots.next()).body for _ in range(4)]
     assert {b[2] for b in before} == {10}
     # written while on: stored, no effect until commit
